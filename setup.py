@@ -1,0 +1,24 @@
+"""Learning-analytics pipelines: Kafka -> validated, windowed analytics with Apache Beam."""
+from setuptools import find_packages, setup
+
+# One Beam release for the whole project: the Python SDK, the Prism runner that
+# scripts/stack.sh builds, and any Java job server must all be this version.
+BEAM_VERSION = "2.75.0"
+
+setup(
+    name="learning-analytics-beam",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipelines", "transforms", "schemas"]),
+    package_data={"schemas": ["registry.json", "avro/*/*.avsc", "postgres.sql"]},
+    install_requires=[
+        f"apache-beam[gcp]=={BEAM_VERSION}",
+        "fastavro>=1.9,<2",
+        "confluent-kafka>=2.3,<3",
+        "redis>=5,<9",
+        "psycopg2-binary>=2.9,<3",
+        "pyarrow>=14",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)
