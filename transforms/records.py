@@ -1,0 +1,55 @@
+"""The element types that flow between the transforms.
+
+Plain NamedTuples: cheap to build on the hot path, picklable for the runner,
+and readable in tests.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+
+class KafkaRecord(NamedTuple):
+    """One Kafka record exactly as read, with its coordinates."""
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    value: Optional[bytes]
+    timestamp_ms: int
+    headers: tuple = ()
+
+    def header(self, name: str) -> Optional[str]:
+        for k, v in self.headers:
+            if k == name and v is not None:
+                return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        return None
+
+
+class Event(NamedTuple):
+    """A decoded, validated event; ``fields`` follow the subject's newest schema."""
+    event_type: str
+    event_time_ms: int
+    fields: dict
+    schema_id: int
+    schema_version: int
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def event_id(self) -> str:
+        return self.fields["event_id"]
+
+
+class DeadLetter(NamedTuple):
+    """A record that failed, why, and where it came from (schema ``dead_letter``)."""
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    error_code: str
+    error_message: str
+    raw_bytes: bytes
+    correlation_id: Optional[str]
+    event_type: Optional[str]
+    failed_at: int
+    attempt: int = 0
