@@ -1,0 +1,158 @@
+"""WindowedMetrics: exact values per window, and early / on-time / late panes on TestStream."""
+import random
+from collections import defaultdict
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+
+from tests.helpers import BASE_MS, answer, event
+from transforms.aggregate import WindowedMetrics, fold_events, metric_rows, merge_into
+
+S = 1000  # ms
+
+
+def streaming_pipeline():
+    opts = PipelineOptions()
+    opts.view_as(StandardOptions).streaming = True
+    return TestPipeline(options=opts)
+
+
+def overall(agg):
+    row = next(r for r in agg.rows if r.family == "overall")
+    return (agg.window_seconds, agg.window_start_ms - BASE_MS, agg.pane_timing,
+            row.metrics["answers"], row.metrics["active_users"])
+
+
+def random_events(n, seed=3):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ts = BASE_MS + rng.randrange(0, 2 * 3600 * S)
+        kind = rng.choice(["qa", "rated", "mastery", "ended"])
+        base = {"event_id": str(rng.random()), "occurred_at": ts, "user_id": f"u{rng.randrange(7)}",
+                "correlation_id": None}
+        if kind == "qa":
+            out.append(event("question_answered", answer(ts, user=base["user_id"], concept=f"c{rng.randrange(3)}",
+                                                         correct=rng.random() < .6, rt=rng.randrange(100, 9000))))
+        elif kind == "rated":
+            out.append(event("content_rated", dict(base, content_id=f"k{rng.randrange(4)}", rating=rng.randint(1, 5))))
+        elif kind == "mastery":
+            b = rng.random()
+            out.append(event("mastery_updated", dict(base, concept_id=f"c{rng.randrange(3)}", mastery_before=b,
+                                                     mastery_after=min(1.0, b + .1))))
+        else:
+            out.append(event("session_ended", dict(base, session_id="s", course_id="x",
+                                                   duration_ms=rng.randrange(1000, 10 ** 6))))
+    return out
+
+
+def expected_by_hand(events, size_ms):
+    """Independent of transforms.aggregate: straight from the event fields."""
+    w = defaultdict(lambda: defaultdict(float))
+    users = defaultdict(set)
+    for e in events:
+        f, start = e.fields, e.event_time_ms // size_ms * size_ms
+        users[start].add(f["user_id"])
+        o = w[(start, "overall", "all")]
+        o["events"] += 1
+        if e.event_type == "question_answered":
+            for key in ((start, "overall", "all"), (start, "concept", f["concept_id"]), (start, "user", f["user_id"])):
+                w[key]["answers"] += 1
+                w[key]["correct"] += f["correct"]
+                w[key]["rt"] += f["response_time_ms"]
+        elif e.event_type == "content_rated":
+            w[(start, "content", f["content_id"])]["ratings"] += 1
+            w[(start, "content", f["content_id"])]["rating_sum"] += f["rating"]
+            o["ratings"] += 1
+            o["rating_sum"] += f["rating"]
+        elif e.event_type == "mastery_updated":
+            w[(start, "concept", f["concept_id"])]["change"] += f["mastery_after"] - f["mastery_before"]
+        elif e.event_type == "session_ended":
+            o["sessions_ended"] += 1
+            o["duration"] += f["duration_ms"]
+    for start, u in users.items():
+        w[(start, "overall", "all")]["active_users"] = len(u)
+    return w
+
+
+@pytest.mark.parametrize("size_s", [60, 300, 3600, 86400])
+def test_fold_and_merge_match_a_hand_count(size_s):
+    events = random_events(3000)
+    size_ms = size_s * S
+    # fold in uneven batches, then merge partials per window, as the runner would
+    merged = defaultdict(dict)
+    for i in range(0, len(events), 377):
+        for (size, start), (partial, latest) in fold_events(events[i:i + 377], (size_ms,)).items():
+            assert start <= latest < start + size
+            merge_into(merged[start], partial)
+    want = expected_by_hand(events, size_ms)
+    for start, partial in merged.items():
+        rows = {(r.family, r.entity_id): r.metrics for r in metric_rows(partial)}
+        o, wo = rows[("overall", "all")], want[(start, "overall", "all")]
+        assert o["events"] == wo["events"] and o["active_users"] == wo["active_users"]
+        assert o["sessions_ended"] == wo["sessions_ended"]
+        if wo["sessions_ended"]:
+            assert o["mean_session_duration_ms"] == pytest.approx(wo["duration"] / wo["sessions_ended"])
+        if wo["ratings"]:
+            assert o["mean_rating"] == pytest.approx(wo["rating_sum"] / wo["ratings"])
+        for (family, entity), m in rows.items():
+            h = want[(start, family, entity)]
+            if family in ("concept", "user") and h["answers"]:
+                assert m["answers"] == h["answers"]
+                assert m["accuracy"] == pytest.approx(h["correct"] / h["answers"])
+                assert m["mean_response_time_ms"] == pytest.approx(h["rt"] / h["answers"])
+            if family == "concept":
+                assert m["mastery_change"] == pytest.approx(h["change"])
+            if family == "content":
+                assert m["mean_rating"] == pytest.approx(h["rating_sum"] / h["ratings"])
+        assert len([k for k in want if k[0] == start and want[k]]) == len(rows)
+
+
+def test_a_ratio_with_no_denominator_is_absent():
+    rows = metric_rows(fold_events([event("session_ended", {
+        "event_id": "e", "occurred_at": BASE_MS, "user_id": "u", "correlation_id": None,
+        "session_id": "s", "course_id": "c", "duration_ms": 10})], (60 * S,))[(60 * S, BASE_MS)][0])
+    o = next(r for r in rows if r.family == "overall").metrics
+    assert "accuracy" not in o and "open_rate" not in o and o["mean_session_duration_ms"] == 10
+
+
+def test_early_on_time_and_late_panes_accumulate():
+    t = BASE_MS / 1000
+    stream = (TestStream()
+              .advance_watermark_to(t)
+              .add_elements([[event("question_answered", answer(BASE_MS + 1 * S, user="a")),
+                              event("question_answered", answer(BASE_MS + 2 * S, user="b"))]])
+              .advance_processing_time(6)                         # early pane: 2 answers
+              .add_elements([[event("question_answered", answer(BASE_MS + 3 * S, user="a"))]])
+              .advance_watermark_to(t + 61)                       # on time: 3 answers
+              .add_elements([[event("question_answered", answer(BASE_MS + 4 * S, user="c"))]])
+              .advance_watermark_to(t + 90)                       # late, within lateness: 4
+              .advance_watermark_to(t + 200)                      # window expired
+              .add_elements([[event("question_answered", answer(BASE_MS + 5 * S, user="d"))]])
+              .advance_watermark_to_infinity())                   # beyond lateness: dropped
+    with streaming_pipeline() as p:
+        panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=60)
+                 | beam.Map(overall))
+        assert_that(panes, equal_to([(60, 0, "EARLY", 2.0, 2.0), (60, 0, "ON_TIME", 3.0, 2.0),
+                                     (60, 0, "LATE", 4.0, 3.0)]))
+
+
+def test_every_window_size_fires_on_its_own_boundaries():
+    t = BASE_MS / 1000
+    times = [0, 59, 61, 299, 301, 3599, 3601]
+    stream = (TestStream().advance_watermark_to(t)
+              .add_elements([[event("question_answered", answer(BASE_MS + s * S)) for s in times]])
+              .advance_watermark_to_infinity())
+    with streaming_pipeline() as p:
+        panes = p | stream | WindowedMetrics(allowed_lateness_s=0) | beam.Map(overall)
+        expected = []
+        for size in (60, 300, 3600, 86400):
+            counts = defaultdict(int)
+            for s in times:
+                counts[s // size * size] += 1
+            expected += [(size, start * 1000, "ON_TIME", float(n), 1.0) for start, n in counts.items()]
+        assert_that(panes, equal_to(expected))

@@ -1,0 +1,294 @@
+"""Windowed learning metrics: event batches in, one WindowAggregate per fired pane out.
+
+Four fixed event-time window sizes (1 minute, 5 minutes, 1 hour, 1 day) each
+carry every metric family:
+
+- ``overall``  (entity ``all``): events, answers, accuracy, mean response time,
+  active users, sessions started/ended and mean duration, content views and
+  mean rating, notifications sent/opened and open rate, achievements,
+  challenges completed;
+- ``concept``: answers, accuracy, mean response time, mastery updates and the
+  summed mastery change;
+- ``user``:    events, answers, accuracy, mean response time;
+- ``content``: views, view time, ratings and mean rating.
+
+Why the shape: fanning every event out into four windows and several keys
+costs a Python runner more than the arithmetic does. So :class:`FoldIntoWindows`
+folds each batch into one small partial aggregate per (window size, window) in
+a plain loop, stamped with an event time inside that window; Beam then assigns
+the partials to FixedWindows and merges them with :class:`MergeWindowMetrics`,
+a CombineFn the runner lifts before the shuffle. Windowing, triggers, lateness
+and panes stay Beam's own.
+
+Panes accumulate: every firing carries the window's full value so far, and the
+sinks overwrite what an earlier pane wrote.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, NamedTuple, Union
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import PCollection, TaggedOutput
+from apache_beam.transforms import trigger, window
+from apache_beam.utils.timestamp import Duration
+
+from transforms.records import Event
+
+OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
+OVERALL_ENTITY = "all"
+
+# The raw counters of each family, in a fixed order: accumulators are lists.
+COUNTERS: dict[str, tuple[str, ...]] = {
+    OVERALL: ("events", "answers", "correct", "response_time_ms_sum", "sessions_started",
+              "sessions_ended", "session_duration_ms_sum", "mastery_updates", "content_views",
+              "ratings", "rating_sum", "content_updates", "notifications_sent",
+              "notifications_opened", "achievements", "challenges_completed"),
+    CONCEPT: ("answers", "correct", "response_time_ms_sum", "mastery_updates", "mastery_change"),
+    USER: ("events", "answers", "correct", "response_time_ms_sum"),
+    CONTENT: ("views", "view_duration_ms_sum", "ratings", "rating_sum"),
+}
+
+# A counter increment: a constant, the name of a numeric field, or a function of the fields.
+Increment = Union[int, str, Callable[[dict], float]]
+_ANSWER: dict[str, Increment] = {
+    "answers": 1, "correct": lambda f: 1 if f["correct"] else 0,
+    "response_time_ms_sum": "response_time_ms"}
+
+# What each event type adds, per family: (family, entity field or None, increments).
+# Every event also adds one to overall.events and to its user's events.
+RULES: dict[str, list[tuple[str, str | None, dict[str, Increment]]]] = {
+    "question_answered": [(OVERALL, None, _ANSWER), (CONCEPT, "concept_id", _ANSWER),
+                          (USER, "user_id", _ANSWER)],
+    "session_started": [(OVERALL, None, {"sessions_started": 1})],
+    "session_ended": [(OVERALL, None, {"sessions_ended": 1, "session_duration_ms_sum": "duration_ms"})],
+    "mastery_updated": [(OVERALL, None, {"mastery_updates": 1}),
+                        (CONCEPT, "concept_id", {
+                            "mastery_updates": 1,
+                            "mastery_change": lambda f: f["mastery_after"] - f["mastery_before"]})],
+    "content_viewed": [(OVERALL, None, {"content_views": 1}),
+                       (CONTENT, "content_id", {"views": 1, "view_duration_ms_sum": "view_duration_ms"})],
+    "content_rated": [(OVERALL, None, {"ratings": 1, "rating_sum": "rating"}),
+                      (CONTENT, "content_id", {"ratings": 1, "rating_sum": "rating"})],
+    "content_updated": [(OVERALL, None, {"content_updates": 1})],
+    "notification_sent": [(OVERALL, None, {"notifications_sent": 1})],
+    "notification_opened": [(OVERALL, None, {"notifications_opened": 1})],
+    "achievement_unlocked": [(OVERALL, None, {"achievements": 1})],
+    "challenge_completed": [(OVERALL, None, {"challenges_completed": 1})],
+}
+
+# Derived metrics: name -> (numerator counter, denominator counter).
+RATIOS: dict[str, dict[str, tuple[str, str]]] = {
+    OVERALL: {"accuracy": ("correct", "answers"),
+              "mean_response_time_ms": ("response_time_ms_sum", "answers"),
+              "mean_session_duration_ms": ("session_duration_ms_sum", "sessions_ended"),
+              "mean_rating": ("rating_sum", "ratings"),
+              "open_rate": ("notifications_opened", "notifications_sent")},
+    CONCEPT: {"accuracy": ("correct", "answers"),
+              "mean_response_time_ms": ("response_time_ms_sum", "answers")},
+    USER: {"accuracy": ("correct", "answers"),
+           "mean_response_time_ms": ("response_time_ms_sum", "answers")},
+    CONTENT: {"mean_rating": ("rating_sum", "ratings")},
+}
+
+WINDOW_SIZES_S = (60, 300, 3600, 86400)
+
+# {family: {entity: [counter values]}}
+Partial = dict
+
+
+def window_label(size_s: int) -> str:
+    return f"{size_s // 86400}d" if size_s % 86400 == 0 else (
+        f"{size_s // 3600}h" if size_s % 3600 == 0 else (
+            f"{size_s // 60}m" if size_s % 60 == 0 else f"{size_s}s"))
+
+
+def _compile_rules() -> dict[str, list[tuple[str, str | None, list[tuple[int, Increment]]]]]:
+    compiled = {}
+    for event_type, rules in RULES.items():
+        out = [(OVERALL, None, [(COUNTERS[OVERALL].index("events"), 1)]),
+               (USER, "user_id", [(COUNTERS[USER].index("events"), 1)])]
+        for family, entity_field, increments in rules:
+            out.append((family, entity_field,
+                        [(COUNTERS[family].index(name), inc) for name, inc in increments.items()]))
+        compiled[event_type] = out
+    return compiled
+
+
+_COMPILED = _compile_rules()
+
+
+def contributions(event: Event) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """What one event adds: [(family, entity, [(counter index, amount)])]."""
+    fields = event.fields
+    out = []
+    for family, entity_field, increments in _COMPILED[event.event_type]:
+        amounts = [(i, inc if isinstance(inc, int) else (
+            fields[inc] if isinstance(inc, str) else inc(fields))) for i, inc in increments]
+        out.append((family, OVERALL_ENTITY if entity_field is None else fields[entity_field], amounts))
+    return out
+
+
+def add_contribution(partial: Partial, family: str, entity: str,
+                     amounts: list[tuple[int, float]]) -> None:
+    entities = partial.get(family)
+    if entities is None:
+        entities = partial[family] = {}
+    counters = entities.get(entity)
+    if counters is None:
+        counters = entities[entity] = [0] * len(COUNTERS[family])
+    for i, amount in amounts:
+        counters[i] += amount
+
+
+def merge_into(target: Partial, source: Partial) -> Partial:
+    """Adds ``source`` into ``target`` (mutated) and returns it; ``source`` is untouched."""
+    for family, entities in source.items():
+        into = target.get(family)
+        if into is None:
+            target[family] = {e: list(c) for e, c in entities.items()}
+            continue
+        for entity, counters in entities.items():
+            mine = into.get(entity)
+            if mine is None:
+                into[entity] = list(counters)
+            else:
+                for i, v in enumerate(counters):
+                    mine[i] += v
+    return target
+
+
+def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...]
+                ) -> dict[tuple[int, int], tuple[Partial, int]]:
+    """{(size_ms, window_start_ms): (partial, latest event time in it)} for a batch."""
+    partials: dict[tuple[int, int], list] = {}
+    for event in events:
+        ts = event.event_time_ms
+        parts = contributions(event)
+        for size in sizes_ms:
+            key = (size, ts - ts % size)
+            slot = partials.get(key)
+            if slot is None:
+                slot = partials[key] = [{}, ts]
+            elif ts > slot[1]:
+                slot[1] = ts
+            for family, entity, amounts in parts:
+                add_contribution(slot[0], family, entity, amounts)
+    return {k: (p, ts) for k, (p, ts) in partials.items()}
+
+
+class MetricRow(NamedTuple):
+    family: str
+    entity_id: str
+    metrics: dict
+
+
+class WindowAggregate(NamedTuple):
+    """All metrics of one window as of one pane."""
+    window_seconds: int
+    window_start_ms: int
+    window_end_ms: int
+    pane_timing: str
+    pane_index: int
+    rows: list  # of MetricRow
+
+
+def metric_rows(partial: Partial) -> list[MetricRow]:
+    """Raw counters plus derived ratios for every entity; a ratio with a zero
+    denominator is left out rather than invented."""
+    rows = []
+    for family, entities in partial.items():
+        names, ratios = COUNTERS[family], RATIOS[family]
+        for entity, counters in entities.items():
+            metrics = dict(zip(names, map(float, counters)))
+            for name, (num, den) in ratios.items():
+                if metrics[den]:
+                    metrics[name] = metrics[num] / metrics[den]
+            if family == OVERALL:
+                metrics["active_users"] = float(len(partial.get(USER, ())))
+            rows.append(MetricRow(family, entity, metrics))
+    return rows
+
+
+class FoldIntoWindows(beam.DoFn):
+    """Input: a list of Events. Output, tagged by window label (``1m``...): one
+    (label, Partial) per window the batch touches, timestamped inside it."""
+
+    def __init__(self, sizes_s: tuple[int, ...]):
+        self.sizes_ms = tuple(s * 1000 for s in sizes_s)
+        self.labels = {s * 1000: window_label(s) for s in sizes_s}
+        self.partials = Metrics.counter("WindowedMetrics", "partials_emitted")
+
+    def process(self, events: list[Event]):
+        for (size, _), (partial, latest) in fold_events(events, self.sizes_ms).items():
+            self.partials.inc()
+            label = self.labels[size]
+            yield TaggedOutput(label, window.TimestampedValue((label, partial), latest / 1000.0))
+
+
+class MergeWindowMetrics(beam.CombineFn):
+    """Merges Partials of one window; lifted by the runner ahead of the shuffle."""
+
+    def create_accumulator(self) -> Partial:
+        return {}
+
+    def add_input(self, accumulator: Partial, partial: Partial) -> Partial:
+        return merge_into(accumulator, partial)
+
+    def merge_accumulators(self, accumulators: Iterable[Partial]) -> Partial:
+        it = iter(accumulators)
+        merged = next(it, {})
+        for acc in it:
+            merge_into(merged, acc)
+        return merged
+
+    def extract_output(self, accumulator: Partial) -> Partial:
+        return accumulator
+
+
+class ToWindowAggregate(beam.DoFn):
+    """Input: (label, Partial) of one fired pane. Output: its WindowAggregate."""
+
+    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        _, partial = element
+        start_ms = int(win.start.micros // 1000)
+        end_ms = int(win.end.micros // 1000)
+        timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE"}.get(pane.timing, "UNKNOWN")
+        yield WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, pane.index,
+                              metric_rows(partial))
+
+
+class WindowedMetrics(beam.PTransform):
+    """Batches of Events -> WindowAggregates for every window size and fired pane.
+
+    ``early_firing_s``: processing-time delay between early panes (real-time
+    values before the window closes). ``allowed_lateness_s``: how long after the
+    watermark passes a window late events still refire it; later ones are
+    dropped by the runner (they remain in the raw-event archive for replay).
+    """
+
+    def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
+                 early_firing_s: int = 5, allowed_lateness_s: int = 3600):
+        super().__init__()
+        self.window_sizes_s = tuple(window_sizes_s)
+        self.early_firing_s = early_firing_s
+        self.allowed_lateness_s = allowed_lateness_s
+
+    def expand(self, event_batches: PCollection) -> PCollection:
+        labels = [window_label(s) for s in self.window_sizes_s]
+        partials = event_batches | "FoldIntoWindows" >> beam.ParDo(
+            FoldIntoWindows(self.window_sizes_s)).with_outputs(*labels)
+        panes = []
+        for size, label in zip(self.window_sizes_s, labels):
+            panes.append(
+                partials[label]
+                | f"Window{label}" >> beam.WindowInto(
+                    window.FixedWindows(size),
+                    trigger=trigger.AfterWatermark(
+                        early=trigger.AfterProcessingTime(int(self.early_firing_s)),
+                        late=trigger.AfterCount(1)),
+                    accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                    allowed_lateness=Duration(seconds=self.allowed_lateness_s))
+                | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
+                | f"Describe{label}" >> beam.ParDo(ToWindowAggregate()))
+        return panes | "AllWindowSizes" >> beam.Flatten()
