@@ -1,0 +1,385 @@
+"""ReadEvents: a Kafka source in pure Python, as a splittable DoFn.
+
+Built the way Java KafkaIO's SDF read is: one restriction per topic partition,
+an offset range tracker (unbounded for streaming, bounded for replay), a
+watermark estimator that follows record timestamps, self-checkpointing when a
+partition has no data, and offsets committed to the consumer group only in
+bundle finalization, i.e. after the runner has durably taken the bundle's
+output. It needs no Java, no expansion service and no Docker.
+
+Setup::
+
+    from transforms.kafka_read import KafkaReadConfig, ReadEvents
+    config = KafkaReadConfig(brokers="127.0.0.1:9092", group_id="analytics")
+    batches = p | ReadEvents(config, topics=["learning.events.v1"])
+
+Each output element is a list of :class:`KafkaRecord` from one poll of one
+partition: Python runners pay per element, so a batch is the unit of work.
+
+Watermark: the newest record timestamp seen on the partition minus
+``max_out_of_orderness_s``. Producers set the record timestamp to the event's
+own time (CreateTime; scripts/produce.py does), so this is an event-time
+watermark; events whose own time falls behind it are late data, which the
+windows handle by their allowed lateness. A partition with nothing to read
+advances its watermark with the wall clock (minus the same margin), so windows
+close even when traffic stops.
+
+``idle_timeout_s``: when set, a partition that delivers nothing for that long
+ends its restriction; once all have, the watermark reaches infinity, every
+window fires, and the pipeline finishes. That is ``--until_idle``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import PCollection
+from apache_beam.runners.sdf_utils import RestrictionTrackerView
+from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from transforms.records import KafkaRecord
+
+LOG = logging.getLogger(__name__)
+UNBOUNDED = sys.maxsize
+
+
+class _PartitionWatermarks:
+    """The watermark of every partition of one read, shared by the readers in a process.
+
+    Each partition's restriction reports the minimum over all partitions of
+    the read, not its own: Prism takes a stage's output watermark from the
+    last bundle's residuals alone, even while other bundles of the stage are
+    still running, so a partition that ran ahead would otherwise pull the
+    watermark past data that another bundle has read but not yet handed
+    over, and make it late. So a partition's entry moves only when a bundle
+    is finalized, i.e. once its output is committed. A partition not heard
+    from yet holds the watermark back; one that finished no longer does. On
+    runners that take the minimum over all residuals themselves this is
+    merely conservative.
+    """
+    _lock = threading.Lock()
+    _tables: dict = {}
+
+    @classmethod
+    def advance(cls, read_id: str, partitions: tuple, key: tuple, to: Timestamp) -> None:
+        """Moves partition ``key`` forward to ``to``."""
+        with cls._lock:
+            table = cls._tables.setdefault(read_id, dict.fromkeys(partitions))
+            if table.get(key) is None or to > table[key]:
+                table[key] = to
+
+    @classmethod
+    def current(cls, read_id: str, partitions: tuple) -> Optional[Timestamp]:
+        """The read's watermark: the least over its partitions; None while one is unknown."""
+        with cls._lock:
+            values = cls._tables.setdefault(read_id, dict.fromkeys(partitions)).values()
+            return None if any(v is None for v in values) else min(values)
+
+
+@dataclass(frozen=True)
+class KafkaReadConfig:
+    """How to read: brokers, consumer group, batching, watermark and idleness."""
+    brokers: str = "127.0.0.1:9092"
+    group_id: str = "learning-analytics"
+    batch_size: int = 2000
+    poll_timeout_s: float = 0.2
+    max_bundle_s: float = 1.0
+    idle_resume_s: float = 0.5
+    max_out_of_orderness_s: float = 5.0
+    idle_timeout_s: Optional[float] = None
+    commit_offsets: bool = True
+    start_from: str = "committed"  # committed offsets, else earliest; or "earliest"/"latest"
+    consumer_config: dict = field(default_factory=dict)
+
+    def consumer(self) -> Consumer:
+        conf = {"bootstrap.servers": self.brokers, "group.id": self.group_id,
+                "enable.auto.commit": False, "enable.auto.offset.store": False,
+                "enable.partition.eof": False, "fetch.wait.max.ms": 100,
+                "queued.min.messages": max(10000, self.batch_size * 2)}
+        conf.update(self.consumer_config)
+        return Consumer(conf)
+
+
+class PartitionSpec(NamedTuple):
+    """One partition to read, from ``start`` up to ``stop`` (exclusive; None = forever)."""
+    topic: str
+    partition: int
+    start: int
+    stop: Optional[int] = None
+
+
+def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
+                    timeout_s: float = 10.0) -> list[PartitionSpec]:
+    """Every partition of ``topics`` with its start offset resolved; raises on unknown topics."""
+    consumer = config.consumer()
+    try:
+        meta = consumer.list_topics(timeout=timeout_s)
+        tps = []
+        for topic in topics:
+            t = meta.topics.get(topic)
+            if t is None or t.error is not None:
+                raise ValueError(f"Kafka topic '{topic}' does not exist on {config.brokers}")
+            tps += [TopicPartition(topic, p) for p in sorted(t.partitions)]
+        committed = consumer.committed(tps, timeout=timeout_s) if config.start_from == "committed" else tps
+        specs = []
+        for tp, c in zip(tps, committed):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            if config.start_from == "latest":
+                start = high
+            elif config.start_from == "committed" and c.offset >= 0:
+                start = max(c.offset, low)
+            else:
+                start = low
+            specs.append(PartitionSpec(tp.topic, tp.partition, start))
+        return specs
+    finally:
+        consumer.close()
+
+
+class _PartitionRestrictions(RestrictionProvider):
+    def initial_restriction(self, spec: PartitionSpec) -> OffsetRange:
+        return OffsetRange(spec.start, UNBOUNDED if spec.stop is None else spec.stop)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return _CheckpointOnlyTracker(restriction)
+
+    def restriction_size(self, spec, restriction: OffsetRange) -> int:
+        # An unbounded partition has no size; report a nominal one.
+        return 1 if restriction.stop == UNBOUNDED else restriction.size()
+
+    def split(self, spec, restriction):
+        yield restriction  # one partition is one unit of parallelism, like KafkaIO
+
+    def truncate(self, spec, restriction):
+        # On drain an unbounded read stops; a bounded one finishes its range.
+        return None if restriction.stop == UNBOUNDED else restriction
+
+
+class _CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """Offsets of one partition; splits only to checkpoint (fraction 0).
+
+    A partition is read in order by one reader, as in KafkaIO: a runner's
+    dynamic split would hand the rest of the partition to a second reader
+    running concurrently, and the partition's watermark would no longer
+    follow one position.
+    """
+
+    def try_split(self, fraction_of_remainder):
+        return super().try_split(0) if fraction_of_remainder == 0 else None
+
+
+class _RecordTimeWatermark(WatermarkEstimatorProvider):
+    def initial_estimator_state(self, spec, restriction):
+        return None
+
+    def create_watermark_estimator(self, state) -> ManualWatermarkEstimator:
+        return ManualWatermarkEstimator(state)
+
+
+class _PartitionReader:
+    """A consumer assigned to one partition, kept between bundles of one DoFn instance."""
+
+    def __init__(self, config: KafkaReadConfig, topic: str, partition: int, start: int):
+        self.topic, self.partition = topic, partition
+        self.consumer = config.consumer()
+        self.position = start
+        self.consumer.assign([TopicPartition(topic, partition, start)])
+        self.last_record_at = time.monotonic()
+
+    def seek(self, offset: int) -> None:
+        if offset != self.position:
+            self.consumer.assign([TopicPartition(self.topic, self.partition, offset)])
+            self.position = offset
+
+    def end_offset(self) -> int:
+        return self.consumer.get_watermark_offsets(
+            TopicPartition(self.topic, self.partition), timeout=5, cached=False)[1]
+
+
+class ReadPartitionFn(beam.DoFn):
+    """Input: a PartitionSpec. Output: lists of KafkaRecord, one per poll, each
+    timestamped at its records' time (never behind the watermark)."""
+
+    def __init__(self, config: KafkaReadConfig, partitions: Iterable[PartitionSpec]):
+        self.config = config
+        self.partitions = tuple((p.topic, p.partition) for p in partitions)
+        self.read_id = uuid.uuid4().hex  # one watermark table per read, even with several in a process
+        self.records_read = Metrics.counter("ReadEvents", "records_read")
+        self.polls_empty = Metrics.counter("ReadEvents", "empty_polls")
+
+    def setup(self):
+        self.readers: dict[tuple[str, int], _PartitionReader] = {}
+
+    def teardown(self):
+        for reader in self.readers.values():
+            reader.consumer.close()
+
+    def _reader(self, spec: PartitionSpec, start: int) -> _PartitionReader:
+        key = (spec.topic, spec.partition)
+        reader = self.readers.get(key)
+        if reader is None:
+            reader = self.readers[key] = _PartitionReader(self.config, spec.topic, spec.partition, start)
+        reader.seek(start)
+        return reader
+
+    # The finalizer comes first: Beam passes the tracker and the watermark
+    # estimator by name, and positional placeholders after them would clash.
+    def process(self, spec: PartitionSpec, finalizer=beam.DoFn.BundleFinalizerParam,
+                tracker: RestrictionTrackerView = beam.DoFn.RestrictionParam(_PartitionRestrictions()),
+                watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(_RecordTimeWatermark())):
+        restriction = tracker.current_restriction()
+        reader = self._reader(spec, restriction.start)
+        call = _CallOutcome()
+        try:
+            yield from self._read(reader, tracker, restriction, watermark, call)
+        finally:
+            self._finalize_later(finalizer, reader, call)
+            self._report_watermark(watermark)
+
+    def _read(self, reader, tracker, restriction, watermark, call: "_CallOutcome"):
+        deadline = time.monotonic() + self.config.max_bundle_s
+        lag = Duration(seconds=self.config.max_out_of_orderness_s)
+        while time.monotonic() < deadline:
+            records = self._poll(reader, restriction.stop)
+            if not records:
+                self._on_empty_poll(reader, tracker, restriction, call)
+                return
+            records = self._claim(tracker, records)
+            if not records:
+                return  # the runner split the rest of the range away
+            call.next_offset = reader.position = records[-1].offset + 1
+            reader.last_record_at = time.monotonic()
+            self.records_read.inc(len(records))
+            oldest = Timestamp.of(min(r.timestamp_ms for r in records) / 1000.0)
+            newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
+            call.advance(newest - lag)
+            current = watermark.current_watermark()
+            yield TimestampedValue(records, oldest if current is None or oldest > current else current)
+            if call.next_offset >= restriction.stop:
+                return
+        tracker.defer_remainder()
+
+    def _poll(self, reader: _PartitionReader, stop: int) -> list[KafkaRecord]:
+        messages = reader.consumer.consume(self.config.batch_size, timeout=self.config.poll_timeout_s)
+        records = []
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal() or not err.retriable():
+                    raise KafkaException(err)
+                LOG.warning("Kafka %s[%d]: %s (retrying)", reader.topic, reader.partition, err)
+                continue
+            if m.offset() >= stop:
+                break
+            records.append(KafkaRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                                       m.timestamp()[1], tuple(m.headers() or ())))
+        return records
+
+    @staticmethod
+    def _claim(tracker: RestrictionTrackerView, records: list[KafkaRecord]) -> list[KafkaRecord]:
+        if tracker.try_claim(records[-1].offset):
+            return records
+        # A split moved the end of our range: keep what is still ours, in order.
+        kept = []
+        for r in records:
+            if not tracker.try_claim(r.offset):
+                break
+            kept.append(r)
+        return kept
+
+    def _on_empty_poll(self, reader, tracker, restriction, call: "_CallOutcome") -> None:
+        self.polls_empty.inc()
+        # An empty poll may only mean the fetch is slow: only a reader at the
+        # end of the log is idle.
+        if reader.end_offset() > reader.position:
+            tracker.defer_remainder()
+            return
+        idle_for = time.monotonic() - reader.last_record_at
+        if restriction.stop != UNBOUNDED or (self.config.idle_timeout_s is not None
+                                             and idle_for >= self.config.idle_timeout_s):
+            # Nothing more will come for this range: claim its end so it is
+            # done, and stop holding back the other partitions' watermark.
+            tracker.try_claim(restriction.stop - 1)
+            call.advance(MAX_TIMESTAMP)
+            return
+        # Caught up: time passes without records, so the watermark follows the clock.
+        call.advance(Timestamp.now() - Duration(seconds=self.config.max_out_of_orderness_s))
+        tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
+
+    def _report_watermark(self, watermark: ManualWatermarkEstimator) -> None:
+        shared = _PartitionWatermarks.current(self.read_id, self.partitions)
+        current = watermark.current_watermark()
+        if shared is not None and (current is None or shared > current):
+            watermark.set_watermark(shared)
+
+    def _finalize_later(self, finalizer, reader: _PartitionReader, call: "_CallOutcome") -> None:
+        """Once the runner has committed this bundle's output: commit the offsets
+        to the consumer group and publish the partition's new watermark.
+
+        Registered on every bundle, even with nothing to do: Prism asks every
+        bundle of this stage to finalize, and the SDK only keeps a bundle
+        finalizable when it has a callback.
+        """
+        consumer, key = reader.consumer, (reader.topic, reader.partition)
+        commit = self.config.commit_offsets and call.next_offset is not None
+        offsets = [TopicPartition(reader.topic, reader.partition, call.next_offset)] if commit else None
+        read_id, partitions, to = self.read_id, self.partitions, call.watermark
+
+        def finalize():
+            if offsets:
+                consumer.commit(offsets=offsets, asynchronous=True)
+            if to is not None:
+                _PartitionWatermarks.advance(read_id, partitions, key, to)
+
+        finalizer.register(finalize)
+
+
+class _CallOutcome:
+    """What one process call read: the next offset and the partition's watermark."""
+
+    def __init__(self):
+        self.next_offset: Optional[int] = None
+        self.watermark: Optional[Timestamp] = None
+
+    def advance(self, to: Timestamp) -> None:
+        if self.watermark is None or to > self.watermark:
+            self.watermark = to
+
+
+class ReadEvents(beam.PTransform):
+    """Kafka topics -> PCollection of lists of KafkaRecord.
+
+    Give ``topics`` to read every partition from the group's committed offsets
+    (streaming), or ``partitions`` (PartitionSpecs with stops) for a bounded
+    read of exact offset ranges (replay).
+    """
+
+    def __init__(self, config: KafkaReadConfig, topics: Iterable[str] = (),
+                 partitions: Iterable[PartitionSpec] = ()):
+        super().__init__()
+        self.config = config
+        self.topics = tuple(topics)
+        self.partitions = list(partitions)
+        if bool(self.topics) == bool(self.partitions):
+            raise ValueError("ReadEvents takes either topics or partitions")
+
+    def expand(self, pbegin) -> PCollection:
+        # Partitions are listed (and start offsets resolved) when the pipeline
+        # is built: the readers need the whole set to hold the watermark.
+        specs = self.partitions or list_partitions(self.config, self.topics)
+        return (pbegin | "Partitions" >> beam.Create(specs)
+                | "ReadPartitions" >> beam.ParDo(ReadPartitionFn(self.config, specs)))
