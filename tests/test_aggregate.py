@@ -136,7 +136,7 @@ def test_early_on_time_and_late_panes_accumulate():
               .advance_watermark_to_infinity())                   # beyond lateness: dropped
     with streaming_pipeline() as p:
         panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=60)
-                 | beam.Map(overall))
+                 )["1m"] | beam.Map(overall)
         assert_that(panes, equal_to([(60, 0, "EARLY", 2.0, 2.0), (60, 0, "ON_TIME", 3.0, 2.0),
                                      (60, 0, "LATE", 4.0, 3.0)]))
 
@@ -148,7 +148,9 @@ def test_every_window_size_fires_on_its_own_boundaries():
               .add_elements([[event("question_answered", answer(BASE_MS + s * S)) for s in times]])
               .advance_watermark_to_infinity())
     with streaming_pipeline() as p:
-        panes = p | stream | WindowedMetrics(allowed_lateness_s=0) | beam.Map(overall)
+        by_size = p | stream | WindowedMetrics(allowed_lateness_s=0)
+        assert sorted(by_size) == ["1d", "1h", "1m", "5m"]
+        panes = tuple(by_size.values()) | beam.Flatten() | beam.Map(overall)
         expected = []
         for size in (60, 300, 3600, 86400):
             counts = defaultdict(int)
