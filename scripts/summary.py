@@ -1,0 +1,95 @@
+"""What the pipeline produced: aggregates by window size, dead letters by error code.
+
+    python -m scripts.summary [--since-minutes 60]
+
+Reads Postgres (window_metrics, raw_events), Redis (real-time keys) and the
+dead-letter topic (every record on it, with a throwaway consumer group).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import uuid
+from collections import Counter
+
+import fastavro
+import psycopg2
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas import default_registry
+from schemas.wire import plain_parsed
+
+
+def dead_letters_by_code(brokers: str, topic: str) -> Counter:
+    reg = default_registry()
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"summary-{uuid.uuid4()}",
+                         "enable.auto.commit": False})
+    counts: Counter = Counter()
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p, 0) for p in parts]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+        consumer.assign(tps)
+        done = {p for p, end in ends.items() if end == 0}
+        while len(done) < len(tps):
+            for m in consumer.consume(1000, timeout=2):
+                if m.error():
+                    continue
+                writer = reg.by_id(int.from_bytes(m.value()[1:5], "big"))
+                body = io.BytesIO(m.value()[5:])
+                counts[fastavro.schemaless_reader(body, plain_parsed(writer))["error_code"]] += 1
+                if m.offset() + 1 >= ends[m.partition()]:
+                    done.add(m.partition())
+    finally:
+        consumer.close()
+    return counts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--brokers", default=os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092"))
+    ap.add_argument("--redis_url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--postgres_dsn", default=os.environ.get(
+        "POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics"))
+    ap.add_argument("--dlq_topic", default="analytics.dlq.v1")
+    a = ap.parse_args(argv)
+
+    with psycopg2.connect(a.postgres_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT event_type) FROM raw_events")
+        events, types = cur.fetchone()
+        print(f"raw_events: {events:,} archived events of {types} types")
+        cur.execute("""
+            SELECT window_seconds, count(DISTINCT window_start), count(*),
+                   sum((metrics->>'events')::float) FILTER (WHERE family = 'overall'),
+                   sum((metrics->>'answers')::float) FILTER (WHERE family = 'overall'),
+                   sum((metrics->>'correct')::float) FILTER (WHERE family = 'overall')
+            FROM window_metrics GROUP BY 1 ORDER BY 1""")
+        print("\naggregates in Postgres (window_metrics):")
+        print(f"  {'window':>8} {'windows':>8} {'rows':>8} {'events':>10} {'answers':>9} {'accuracy':>9}")
+        for size, windows, rows, ev, answers, correct in cur.fetchall():
+            acc = f"{correct / answers:.3f}" if answers else "-"
+            print(f"  {size:>7}s {windows:>8,} {rows:>8,} {int(ev or 0):>10,} {int(answers or 0):>9,} {acc:>9}")
+        cur.execute("""SELECT window_seconds, family, count(*) FROM window_metrics
+                       GROUP BY 1, 2 ORDER BY 1, 2""")
+        by_family = Counter()
+        for size, family, n in cur.fetchall():
+            by_family[family] += n
+        print("  rows by family: " + ", ".join(f"{f} {n:,}" for f, n in sorted(by_family.items())))
+
+    r = redis.Redis.from_url(a.redis_url)
+    keys = Counter(k.split(b":")[1].decode() for k in r.scan_iter("analytics:*", count=5000))
+    print("\nreal-time keys in Redis: " + (", ".join(f"{w} {n:,}" for w, n in sorted(keys.items()))
+                                          or "none"))
+
+    dl = dead_letters_by_code(a.brokers, a.dlq_topic)
+    print(f"\ndead letters on {a.dlq_topic}: {sum(dl.values()):,}")
+    for code, n in dl.most_common():
+        print(f"  {code:22s} {n:>8,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
