@@ -34,6 +34,7 @@ class _ProduceFn(beam.DoFn):
         self.producer = Producer({"bootstrap.servers": self.brokers, "linger.ms": 20,
                                   "enable.idempotence": True})
         self.errors: list = []
+        self.sent = 0
 
     def _send(self, key: bytes, record: dict, headers: Any = None) -> None:
         value = encode_avro(self.entry, record, self.parsed)
@@ -43,7 +44,9 @@ class _ProduceFn(beam.DoFn):
                 break
             except BufferError:
                 self.producer.poll(0.05)
-        self.producer.poll(0)
+        self.sent += 1
+        if self.sent % 1000 == 0:
+            self.producer.poll(0)  # serve delivery reports now and then, not per record
         self.produced.inc()
 
     def _on_delivery(self, err, _msg):

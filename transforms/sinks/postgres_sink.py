@@ -13,12 +13,13 @@ applies it, and each sink applies it again at start-up (it is idempotent).
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
+import queue
+import threading
 from datetime import datetime, timedelta, timezone
-from typing import Iterable
+from typing import Iterable, Optional
 
 import apache_beam as beam
 import psycopg2
@@ -58,6 +59,90 @@ def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_STAGING = """CREATE TEMP TABLE IF NOT EXISTS raw_events_staging (
+    event_id text, occurred_ms bigint, event_type text, user_id text, correlation_id text,
+    schema_id integer, schema_version integer, source_topic text, source_partition integer,
+    source_offset bigint, payload jsonb) ON COMMIT DELETE ROWS"""
+_MOVE = f"""INSERT INTO raw_events ({','.join(_COLUMNS)})
+SELECT event_id, 'epoch'::timestamptz + occurred_ms * interval '1 millisecond', event_type, user_id,
+       correlation_id, schema_id, schema_version, source_topic, source_partition, source_offset, payload
+FROM raw_events_staging ON CONFLICT DO NOTHING"""
+
+
+def copy_rows(events: list[Event]) -> str:
+    """``events`` in COPY's text format: one line each, tab-separated, escaped."""
+    lines = []
+    for e in events:
+        f = e.fields
+        corr = f.get("correlation_id")
+        lines.append("\t".join((
+            f["event_id"].translate(_ESCAPE), str(e.event_time_ms), e.event_type,
+            f["user_id"].translate(_ESCAPE), _NULL if corr is None else corr.translate(_ESCAPE),
+            str(e.schema_id), str(e.schema_version), e.topic, str(e.partition), str(e.offset),
+            json.dumps(f, separators=(",", ":")).translate(_ESCAPE))))
+    lines.append("")
+    return "\n".join(lines)
+
+
+class _ArchiveWriter(threading.Thread):
+    """Runs the COPYs on its own connection, so Postgres works while Python decodes.
+
+    psycopg2 releases the GIL while the server works; a bundle waits for its
+    writes in finish_bundle, so nothing is acknowledged before it is stored.
+    """
+
+    def __init__(self, dsn: str):
+        super().__init__(daemon=True, name="archive-writer")
+        self.conn = connect(dsn)
+        self.jobs: queue.Queue = queue.Queue(maxsize=4)
+        self.partitions: set = set()
+        self.inserted = self.offered = 0
+        self.error: Optional[BaseException] = None
+        with self.conn, self.conn.cursor() as cur:
+            cur.execute(_STAGING)
+
+    def run(self):
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    self._write(*job)
+            except BaseException as e:  # handed to the bundle in finish_bundle
+                self.error = e
+            finally:
+                self.jobs.task_done()
+
+    def _write(self, text: str, days: set, count: int) -> None:
+        with self.conn, self.conn.cursor() as cur:
+            for day in sorted(days - self.partitions):
+                start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
+                cur.execute("SELECT pg_advisory_xact_lock(4243)")
+                cur.execute(f"CREATE TABLE IF NOT EXISTS raw_events_{start:%Y%m%d} PARTITION OF raw_events "
+                            "FOR VALUES FROM (%s) TO (%s)", (start, start + timedelta(days=1)))
+            cur.copy_expert("COPY raw_events_staging FROM STDIN", io.StringIO(text))
+            cur.execute(_MOVE)
+            self.inserted += cur.rowcount
+        self.partitions |= days
+        self.offered += count
+
+    def drain(self) -> tuple[int, int]:
+        """Waits for every queued write; returns (inserted, offered) since the last drain."""
+        self.jobs.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        counts, self.inserted, self.offered = (self.inserted, self.offered), 0, 0
+        return counts
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join(10)
+        self.conn.close()
+
+
 class ArchiveRawEventsFn(beam.DoFn):
     """Input: a list of Events. Writes them to ``raw_events``; outputs nothing."""
 
@@ -68,45 +153,22 @@ class ArchiveRawEventsFn(beam.DoFn):
 
     def setup(self):
         apply_schema(self.dsn)
-        self.conn = connect(self.dsn)
-        self.partitions: set = set()
-        with self.conn, self.conn.cursor() as cur:
-            cur.execute("CREATE TEMP TABLE IF NOT EXISTS raw_events_staging "
-                        "(LIKE raw_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        self.writer = _ArchiveWriter(self.dsn)
+        self.writer.start()
 
     def teardown(self):
-        if getattr(self, "conn", None) is not None:
-            self.conn.close()
-
-    def _ensure_partitions(self, cur, events: list[Event]) -> None:
-        days = {e.event_time_ms // 86_400_000 for e in events} - self.partitions
-        for day in sorted(days):
-            start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
-            name = f"raw_events_{start:%Y%m%d}"
-            cur.execute("SELECT pg_advisory_xact_lock(4243)")
-            cur.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF raw_events "
-                        "FOR VALUES FROM (%s) TO (%s)", (start, start + timedelta(days=1)))
-            self.partitions.add(day)
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
 
     def process(self, events: list[Event]):
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        for e in events:
-            f = e.fields
-            writer.writerow((f["event_id"], _utc(e.event_time_ms).isoformat(), e.event_type, f["user_id"],
-                             f.get("correlation_id") or _NULL, e.schema_id, e.schema_version, e.topic,
-                             e.partition, e.offset, json.dumps(f, separators=(",", ":"))))
-        buf.seek(0)
-        with self.conn, self.conn.cursor() as cur:
-            self._ensure_partitions(cur, events)
-            cur.copy_expert(f"COPY raw_events_staging ({','.join(_COLUMNS)}) FROM STDIN "
-                            "WITH (FORMAT csv, NULL '\\N')", buf)
-            cur.execute(f"INSERT INTO raw_events ({','.join(_COLUMNS)}) "
-                        f"SELECT {','.join(_COLUMNS)} FROM raw_events_staging ON CONFLICT DO NOTHING")
-            inserted = cur.rowcount
-        self.archived.inc(inserted)
-        self.duplicates.inc(len(events) - inserted)
+        days = {e.event_time_ms // 86_400_000 for e in events}
+        self.writer.jobs.put((copy_rows(events), days, len(events)))
         return ()
+
+    def finish_bundle(self):
+        inserted, offered = self.writer.drain()
+        self.archived.inc(inserted)
+        self.duplicates.inc(offered - inserted)
 
 
 class ArchiveRawEvents(beam.PTransform):
