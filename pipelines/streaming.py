@@ -29,6 +29,8 @@ from transforms.sinks.kafka_sink import PublishDeadLetters
 from transforms.sinks.postgres_sink import ArchiveRawEvents
 
 LOG = logging.getLogger("pipelines.streaming")
+# Early panes of windows that ended longer ago than this are not written (a backlog).
+CATCH_UP_AFTER_S = 60
 
 
 class StreamingOptions(PipelineOptions):
@@ -56,7 +58,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions) -> None:
         decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn)
     panes = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
-        allowed_lateness_s=opts.allowed_lateness)
+        allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S)
     sinks = opts.sink_set()
     targets = AggregateSinks(redis_url=opts.redis_url if "redis" in sinks else None,
                              postgres_dsn=opts.postgres_dsn if "postgres" in sinks else None,

@@ -158,3 +158,17 @@ def test_every_window_size_fires_on_its_own_boundaries():
                 counts[s // size * size] += 1
             expected += [(size, start * 1000, "ON_TIME", float(n), 1.0) for start, n in counts.items()]
         assert_that(panes, equal_to(expected))
+
+
+def test_early_panes_of_long_past_windows_are_skipped_when_catching_up():
+    t = BASE_MS / 1000  # 2026-01-01: long past by the wall clock
+    stream = (TestStream()
+              .advance_watermark_to(t)
+              .add_elements([[event("question_answered", answer(BASE_MS + 1 * S))]])
+              .advance_processing_time(6)
+              .add_elements([[event("question_answered", answer(BASE_MS + 2 * S))]])
+              .advance_watermark_to_infinity())
+    with streaming_pipeline() as p:
+        panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5,
+                                              catch_up_after_s=60))["1m"] | beam.Map(overall)
+        assert_that(panes, equal_to([(60, 0, "ON_TIME", 2.0, 1.0)]))

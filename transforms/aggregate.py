@@ -26,16 +26,17 @@ only the entities whose values moved since the window's previous pane.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import Duration
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from transforms.records import Event
 
@@ -266,6 +267,9 @@ class MergeWindowMetrics(beam.CombineFn):
         return accumulator
 
 
+_TIMING = {PaneInfoTiming.EARLY: "EARLY", PaneInfoTiming.ON_TIME: "ON_TIME", PaneInfoTiming.LATE: "LATE"}
+
+
 class EmitChangedRows(beam.DoFn):
     """Input: (label, Partial) of one fired pane. Output: a WindowAggregate with
     the rows whose values changed since this window's previous pane, if any.
@@ -275,14 +279,25 @@ class EmitChangedRows(beam.DoFn):
     (Prism does, at the end of a window). Writing only what changed leaves the
     sinks in the same state for a fraction of the writes. State is per key
     and window, and expires with the window.
+
+    ``catch_up_after_s``: an early pane of a window that ended longer ago than
+    this (by the wall clock) is not passed on: the job is catching up on a
+    backlog, the watermark will close that window shortly, and speculative
+    values of the past are writes nobody reads. None passes every pane.
     """
     LAST = ReadModifyWriteStateSpec("last_emitted", PickleCoder())
 
-    def __init__(self):
+    def __init__(self, catch_up_after_s: Optional[float] = None):
+        self.catch_up_after_s = catch_up_after_s
         self.unchanged = Metrics.counter("WindowedMetrics", "unchanged_rows_skipped")
+        self.early_skipped = Metrics.counter("WindowedMetrics", "catch_up_early_panes_skipped")
 
     def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam,
                 last=beam.DoFn.StateParam(LAST)):
+        if (self.catch_up_after_s is not None and pane.timing == PaneInfoTiming.EARLY
+                and win.end.micros / 1e6 < time.time() - self.catch_up_after_s):
+            self.early_skipped.inc()
+            return
         _, partial = element
         previous = last.read() or {}
         rows = [r for r in metric_rows(partial) if previous.get((r.family, r.entity_id)) != r.metrics]
@@ -293,7 +308,7 @@ class EmitChangedRows(beam.DoFn):
         last.write(previous)
         start_ms = int(win.start.micros // 1000)
         end_ms = int(win.end.micros // 1000)
-        timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE"}.get(pane.timing, "UNKNOWN")
+        timing = _TIMING.get(pane.timing, "UNKNOWN")
         yield WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, pane.index, rows)
 
 
@@ -311,11 +326,14 @@ class WindowedMetrics(beam.PTransform):
     because each early pane rewrites every entity of the window in the sinks. ``allowed_lateness_s``: how long after the
     watermark passes a window late events still refire it; later ones are
     dropped by the runner (they remain in the raw-event archive for replay).
+    ``catch_up_after_s``: see :class:`EmitChangedRows`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
-                 early_firing_s: int = 5, allowed_lateness_s: int = 3600):
+                 early_firing_s: int = 5, allowed_lateness_s: int = 3600,
+                 catch_up_after_s: Optional[float] = None):
         super().__init__()
+        self.catch_up_after_s = catch_up_after_s
         self.window_sizes_s = tuple(window_sizes_s)
         self.early_firing_s = early_firing_s
         self.allowed_lateness_s = allowed_lateness_s
@@ -339,5 +357,5 @@ class WindowedMetrics(beam.PTransform):
                     accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
                     allowed_lateness=Duration(seconds=self.allowed_lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
-                | f"ChangedRows{label}" >> beam.ParDo(EmitChangedRows()))
+                | f"ChangedRows{label}" >> beam.ParDo(EmitChangedRows(self.catch_up_after_s)))
         return panes
