@@ -7,6 +7,7 @@ WINDOW_SIZE_MS, POSTGRES_DSN), else to the local stack of scripts/stack.sh.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import psycopg2
@@ -98,6 +99,11 @@ def use_local_runner(options: PipelineOptions, streaming: bool) -> None:
         options.view_as(PrismRunnerOptions).prism_location = prism
 
 
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -108,8 +114,9 @@ def check_services(opts: AnalyticsOptions, kafka: bool = True, redis_: bool = Tr
     """One clear line and exit 2 when a service is unreachable, before anything starts."""
     if kafka:
         try:
+            # log_level 0: librdkafka would print a line per failed retry.
             c = Consumer({"bootstrap.servers": opts.brokers, "group.id": "preflight",
-                          "socket.connection.setup.timeout.ms": 3000})
+                          "socket.connection.setup.timeout.ms": 3000, "log_level": 0})
             try:
                 topics = c.list_topics(timeout=5).topics
             finally:
@@ -124,9 +131,9 @@ def check_services(opts: AnalyticsOptions, kafka: bool = True, redis_: bool = Tr
         try:
             redis.Redis.from_url(opts.redis_url, socket_connect_timeout=3).ping()
         except redis.RedisError as e:
-            fail(f"cannot reach Redis at {opts.redis_url}: {e}")
+            fail(f"cannot reach Redis at {redact(opts.redis_url)}: {e}")
     if postgres:
         try:
             psycopg2.connect(opts.postgres_dsn, connect_timeout=5).close()
         except psycopg2.Error as e:
-            fail(f"cannot reach Postgres at {opts.postgres_dsn}: {str(e).strip().splitlines()[0]}")
+            fail(f"cannot reach Postgres at {redact(opts.postgres_dsn)}: {str(e).strip().splitlines()[0]}")
