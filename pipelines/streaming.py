@@ -78,6 +78,8 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
         return
     totals: dict[str, int] = {}
     for c in counters:
+        if c.key.metric.namespace.startswith("beam"):
+            continue  # the runner's own bookkeeping
         name = f"{c.key.metric.namespace}.{c.key.metric.name}"
         totals[name] = totals.get(name, 0) + (c.committed or c.attempted or 0)
     print(f"streaming job finished in {seconds:.1f}s")

@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import sys
+import time
 import uuid
 from collections import Counter
 
@@ -23,26 +24,30 @@ from schemas import default_registry
 from schemas.wire import plain_parsed
 
 
-def dead_letters_by_code(brokers: str, topic: str) -> Counter:
+def dead_letters_by_code(brokers: str, topic: str, timeout_s: float = 60.0) -> Counter:
+    """Error codes of every record on ``topic``, read from its first retained offset."""
     reg = default_registry()
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"summary-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     counts: Counter = Counter()
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p, 0) for p in parts]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-        consumer.assign(tps)
-        done = {p for p, end in ends.items() if end == 0}
-        while len(done) < len(tps):
-            for m in consumer.consume(1000, timeout=2):
+        bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts}
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in bounds.items()])
+        pending = {p for p, (low, high) in bounds.items() if high > low}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for m in consumer.consume(1000, timeout=1):
                 if m.error():
                     continue
                 writer = reg.by_id(int.from_bytes(m.value()[1:5], "big"))
                 body = io.BytesIO(m.value()[5:])
                 counts[fastavro.schemaless_reader(body, plain_parsed(writer))["error_code"]] += 1
-                if m.offset() + 1 >= ends[m.partition()]:
-                    done.add(m.partition())
+                if m.offset() + 1 >= bounds[m.partition()][1]:
+                    pending.discard(m.partition())
+        if pending:
+            print(f"(dead letters: stopped after {timeout_s:.0f}s with partitions {sorted(pending)} unread)",
+                  file=sys.stderr)
     finally:
         consumer.close()
     return counts
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
         print("  rows by family: " + ", ".join(f"{f} {n:,}" for f, n in sorted(by_family.items())))
 
     r = redis.Redis.from_url(a.redis_url)
-    keys = Counter(k.split(b":")[1].decode() for k in r.scan_iter("analytics:*", count=5000))
+    keys = Counter(k.split(b":")[1].decode() for k in r.scan_iter("analytics:*", count=5000)
+                   if not k.endswith(b":latest"))
     print("\nreal-time keys in Redis: " + (", ".join(f"{w} {n:,}" for w, n in sorted(keys.items()))
                                           or "none"))
 

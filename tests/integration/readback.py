@@ -49,10 +49,10 @@ def topic_records(brokers: str, topic: str) -> list[tuple[object, dict]]:
                   "enable.auto.commit": False})
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p, 0) for p in parts]
-        ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-        c.assign(tps)
-        out, pending = [], {p for p, end in ends.items() if end > 0}
+        bounds = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts}
+        ends = {p: high for p, (_, high) in bounds.items()}
+        c.assign([TopicPartition(topic, p, low) for p, (low, _) in bounds.items()])
+        out, pending = [], {p for p, (low, high) in bounds.items() if high > low}
         while pending:
             msgs = c.consume(1000, timeout=5)
             if not msgs:
