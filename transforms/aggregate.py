@@ -323,14 +323,15 @@ class WindowedMetrics(beam.PTransform):
     ``early_firing_s``: processing-time delay between early panes (real-time
     values before the window closes) of the finest windows; a window of size S
     fires early at most every max(early_firing_s, min(S / 60, 60)) seconds,
-    because each early pane rewrites every entity of the window in the sinks. ``allowed_lateness_s``: how long after the
+    because each early pane rewrites every entity of the window in the sinks.
+    None: no early panes (a bounded job, whose watermark closes every window). ``allowed_lateness_s``: how long after the
     watermark passes a window late events still refire it; later ones are
     dropped by the runner (they remain in the raw-event archive for replay).
     ``catch_up_after_s``: see :class:`EmitChangedRows`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
-                 early_firing_s: int = 5, allowed_lateness_s: int = 3600,
+                 early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
                  catch_up_after_s: Optional[float] = None):
         super().__init__()
         self.catch_up_after_s = catch_up_after_s
@@ -352,7 +353,8 @@ class WindowedMetrics(beam.PTransform):
                 | f"Window{label}" >> beam.WindowInto(
                     window.FixedWindows(size),
                     trigger=trigger.AfterWatermark(
-                        early=trigger.AfterProcessingTime(self.early_delay_s(size)),
+                        early=None if self.early_firing_s is None
+                        else trigger.AfterProcessingTime(self.early_delay_s(size)),
                         late=trigger.AfterCount(1)),
                     accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
                     allowed_lateness=Duration(seconds=self.allowed_lateness_s))

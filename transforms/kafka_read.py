@@ -120,18 +120,28 @@ class PartitionSpec(NamedTuple):
     stop: Optional[int] = None
 
 
+class UnknownTopicError(ValueError):
+    """A topic asked for does not exist on the cluster."""
+
+
+def topic_partitions(consumer: Consumer, topics: Iterable[str], timeout_s: float = 10.0) -> list[TopicPartition]:
+    """Every partition of ``topics``, in order; raises UnknownTopicError."""
+    meta = consumer.list_topics(timeout=timeout_s)
+    tps = []
+    for topic in topics:
+        t = meta.topics.get(topic)
+        if t is None or t.error is not None:
+            raise UnknownTopicError(f"topic '{topic}' does not exist")
+        tps += [TopicPartition(topic, p) for p in sorted(t.partitions)]
+    return tps
+
+
 def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
                     timeout_s: float = 10.0) -> list[PartitionSpec]:
     """Every partition of ``topics`` with its start offset resolved; raises on unknown topics."""
     consumer = config.consumer()
     try:
-        meta = consumer.list_topics(timeout=timeout_s)
-        tps = []
-        for topic in topics:
-            t = meta.topics.get(topic)
-            if t is None or t.error is not None:
-                raise ValueError(f"Kafka topic '{topic}' does not exist on {config.brokers}")
-            tps += [TopicPartition(topic, p) for p in sorted(t.partitions)]
+        tps = topic_partitions(consumer, topics, timeout_s)
         committed = consumer.committed(tps, timeout=timeout_s) if config.start_from == "committed" else tps
         specs = []
         for tp, c in zip(tps, committed):
@@ -262,6 +272,9 @@ class ReadPartitionFn(beam.DoFn):
             call.next_offset = reader.position = records[-1].offset + 1
             reader.last_record_at = time.monotonic()
             self.records_read.inc(len(records))
+            offsets = Metrics.distribution("ReadEvents", f"offsets:{reader.topic}:{reader.partition}")
+            offsets.update(records[0].offset)
+            offsets.update(records[-1].offset)
             oldest = Timestamp.of(min(r.timestamp_ms for r in records) / 1000.0)
             newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             call.advance(newest - lag)

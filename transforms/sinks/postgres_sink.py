@@ -183,7 +183,7 @@ class ArchiveRawEvents(beam.PTransform):
 
 
 _UPSERT = """
-INSERT INTO window_metrics (window_seconds, window_start, window_end, family, entity_id, metrics,
+INSERT INTO {table} (window_seconds, window_start, window_end, family, entity_id, metrics,
                             pane_timing, pane_index)
 VALUES %s
 ON CONFLICT (window_seconds, window_start, family, entity_id) DO UPDATE
@@ -193,10 +193,10 @@ SET window_end = EXCLUDED.window_end, metrics = EXCLUDED.metrics,
 
 
 class WriteMetricsToPostgresFn(beam.DoFn):
-    """Input: a WindowAggregate. Upserts its rows into ``window_metrics``."""
+    """Input: a WindowAggregate. Upserts its rows into ``table`` (``window_metrics``)."""
 
-    def __init__(self, dsn: str):
-        self.dsn = dsn
+    def __init__(self, dsn: str, table: str = "window_metrics"):
+        self.dsn, self.table = dsn, table
         self.rows = Metrics.counter("WriteMetricsToPostgres", "rows_upserted")
 
     def setup(self):
@@ -213,7 +213,7 @@ class WriteMetricsToPostgresFn(beam.DoFn):
                    json.dumps(r.metrics, separators=(",", ":")), agg.pane_timing, agg.pane_index)
                   for r in agg.rows]
         with self.conn, self.conn.cursor() as cur:
-            execute_values(cur, _UPSERT, values, page_size=2000)
+            execute_values(cur, _UPSERT.format(table=self.table), values, page_size=2000)
         self.rows.inc(len(values))
         return ()
 
@@ -221,9 +221,9 @@ class WriteMetricsToPostgresFn(beam.DoFn):
 class WriteMetricsToPostgres(beam.PTransform):
     """WindowAggregates -> (nothing): durable, upserted rows in ``window_metrics``."""
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, table: str = "window_metrics"):
         super().__init__()
-        self.dsn = dsn
+        self.dsn, self.table = dsn, table
 
     def expand(self, aggregates):
-        return aggregates | "Upsert" >> beam.ParDo(WriteMetricsToPostgresFn(self.dsn))
+        return aggregates | "Upsert" >> beam.ParDo(WriteMetricsToPostgresFn(self.dsn, self.table))
