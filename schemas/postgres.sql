@@ -32,4 +32,34 @@ CREATE TABLE IF NOT EXISTS window_metrics (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (window_seconds, window_start, family, entity_id)
 );
+-- Aggregates recomputed by a replay, kept apart so a replay never overwrites what
+-- the streaming job wrote; same shape, compare them with a join.
+CREATE TABLE IF NOT EXISTS window_metrics_replay (LIKE window_metrics INCLUDING ALL);
+
 CREATE INDEX IF NOT EXISTS window_metrics_recent ON window_metrics (window_seconds, family, window_start DESC);
+
+-- Dead letters re-published by scripts/recover_dead_letters.py, one row per dead
+-- letter, keyed by where the dead letter itself sits on the dead-letter topic.
+-- A row is 'claimed' (committed) before the record is produced and 'published'
+-- once the producer confirmed delivery; a row left 'claimed' is a crash or a
+-- failed delivery in between and needs a look, never a blind retry. The second
+-- key makes two copies of one failure (a retried bundle wrote it twice) one row.
+CREATE TABLE IF NOT EXISTS dead_letter_recoveries (
+    dlq_topic             text        NOT NULL,
+    dlq_partition         integer     NOT NULL,
+    dlq_offset            bigint      NOT NULL,
+    source_topic          text        NOT NULL,
+    source_partition      integer     NOT NULL,
+    source_offset         bigint      NOT NULL,
+    attempt               integer     NOT NULL,  -- the dead letter's; re-published with attempt + 1
+    error_code            text        NOT NULL,
+    correlation_id        text,
+    failed_at             timestamptz NOT NULL,
+    status                text        NOT NULL CHECK (status IN ('claimed', 'published')),
+    claimed_at            timestamptz NOT NULL DEFAULT now(),
+    published_at          timestamptz,
+    republished_partition integer,
+    republished_offset    bigint,
+    PRIMARY KEY (dlq_topic, dlq_partition, dlq_offset),
+    UNIQUE (source_topic, source_partition, source_offset, attempt)
+);
