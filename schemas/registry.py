@@ -62,6 +62,7 @@ class RegisteredSchema:
     version: int
     schema_id: int
     topic: str
+    kind: str  # "event" for the events the pipelines read, "envelope" for their outputs
     raw: dict = field(repr=False, hash=False, compare=False)
     parsed: Any = field(repr=False, hash=False, compare=False)
 
@@ -160,7 +161,7 @@ class SchemaRegistry:
                 with open(os.path.join(base, subject, f"v{v['version']}.avsc")) as f:
                     raw = json.load(f)
                 entries.append(RegisteredSchema(
-                    subject, v["version"], v["id"], spec["topic"], raw, _parse(raw)))
+                    subject, v["version"], v["id"], spec["topic"], spec.get("kind", "event"), raw, _parse(raw)))
         return cls(entries, path)
 
     def by_id(self, schema_id: int) -> RegisteredSchema:
@@ -177,11 +178,7 @@ class SchemaRegistry:
 
     def subjects(self, kind: str | None = None) -> list[str]:
         """Subject names; ``kind='event'`` gives the event types only."""
-        if kind is None:
-            return list(self._by_subject)
-        with open(self._path) as f:
-            spec = json.load(f)["subjects"]
-        return [s for s in self._by_subject if spec[s].get("kind") == kind]
+        return [s for s, versions in self._by_subject.items() if kind is None or versions[-1].kind == kind]
 
     def __iter__(self) -> Iterator[RegisteredSchema]:
         return iter(self._by_id.values())
@@ -197,7 +194,7 @@ class SchemaRegistry:
             return current
         check_backward_compatible(subject, current.raw, schema)
         entry = RegisteredSchema(
-            subject, current.version + 1, max(self._by_id) + 1, current.topic,
+            subject, current.version + 1, max(self._by_id) + 1, current.topic, current.kind,
             schema, _parse(schema))
         self._by_id[entry.schema_id] = entry
         self._by_subject[subject].append(entry)

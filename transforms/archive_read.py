@@ -6,7 +6,6 @@ events come back exactly as DecodeAndValidate produced them.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Iterable
 
 import apache_beam as beam
@@ -14,7 +13,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.kafka_range import ArchiveGap
 from transforms.records import Event
-from transforms.sinks.postgres_sink import connect
+from transforms.sinks.postgres_sink import connect, utc
 
 _SELECT = """
 SELECT event_type, (extract(epoch FROM occurred_at) * 1000)::bigint, payload, schema_id, schema_version,
@@ -23,10 +22,6 @@ FROM raw_events
 WHERE source_topic = %s AND source_partition = %s AND source_offset < %s
   AND occurred_at >= %s AND occurred_at < %s
 ORDER BY source_offset"""
-
-
-def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
 class ReadArchiveGapFn(beam.DoFn):
@@ -42,7 +37,7 @@ class ReadArchiveGapFn(beam.DoFn):
             with conn, conn.cursor(name="archive_gap") as cur:  # server-side: no full fetch
                 cur.itersize = self.batch_size
                 cur.execute(_SELECT, (gap.topic, gap.partition, gap.below_offset,
-                                      _utc(gap.start_ms), _utc(gap.end_ms)))
+                                      utc(gap.start_ms), utc(gap.end_ms)))
                 batch = []
                 for event_type, ms, payload, sid, version, topic, partition, offset in cur:
                     batch.append(Event(event_type, ms, payload, sid, version, topic, partition, offset))

@@ -120,7 +120,7 @@ class EventValidator:
         subject = self._by_id.get(schema_id)
         if subject is None:
             writer = self.registry.by_id(schema_id)
-            if writer.topic.startswith("analytics."):
+            if writer.kind != "event":
                 raise UnknownSchemaError(schema_id)
             subject = _Subject(writer, self.registry.latest(writer.subject))
             self._by_id[schema_id] = subject
@@ -162,7 +162,7 @@ class EventValidator:
         subject = self._by_type.get(event_type)
         if subject is None:
             latest = self.registry.latest(event_type)
-            if latest.topic.startswith("analytics."):
+            if latest.kind != "event":
                 raise UnknownSchemaError(event_type)
             subject = _Subject(latest, latest)
             self._by_type[event_type] = subject

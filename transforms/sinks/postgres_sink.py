@@ -55,7 +55,8 @@ def apply_schema(dsn: str) -> None:
         conn.close()
 
 
-def _utc(ms: int) -> datetime:
+def utc(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
@@ -208,7 +209,7 @@ class WriteMetricsToPostgresFn(beam.DoFn):
             self.conn.close()
 
     def process(self, agg: WindowAggregate):
-        start, end = _utc(agg.window_start_ms), _utc(agg.window_end_ms)
+        start, end = utc(agg.window_start_ms), utc(agg.window_end_ms)
         values = [(agg.window_seconds, start, end, r.family, r.entity_id,
                    json.dumps(r.metrics, separators=(",", ":")), agg.pane_timing, agg.pane_index)
                   for r in agg.rows]
