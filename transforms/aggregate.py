@@ -20,9 +20,10 @@ the partials to FixedWindows and merges them with :class:`MergeWindowMetrics`,
 a CombineFn the runner lifts before the shuffle. Windowing, triggers, lateness
 and panes stay Beam's own.
 
-Panes accumulate: every firing carries the window's full value so far, and the
-sinks overwrite what an earlier pane wrote; :class:`EmitChangedRows` passes on
-only the entities whose values moved since the window's previous pane.
+Panes discard: each firing carries only the partials that arrived since the
+previous one, and :class:`AccumulatePanes` adds them to the window's total in
+state and emits the rows they changed, each with its full value so far; so
+the sinks overwrite what an earlier pane wrote, never add to it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
@@ -201,13 +203,15 @@ class WindowAggregate(NamedTuple):
     rows: list  # of MetricRow
 
 
-def metric_rows(partial: Partial) -> list[MetricRow]:
-    """Raw counters plus derived ratios for every entity; a ratio with a zero
-    denominator is left out rather than invented."""
+def metric_rows(partial: Partial, only: Optional[Partial] = None) -> list[MetricRow]:
+    """Raw counters plus derived ratios for every entity of ``partial`` (or only
+    for those that appear in ``only``); a ratio with a zero denominator is
+    left out rather than invented."""
     rows = []
-    for family, entities in partial.items():
+    for family, entities in (partial if only is None else only).items():
         names, ratios = COUNTERS[family], RATIOS[family]
-        for entity, counters in entities.items():
+        for entity in entities:
+            counters = partial[family][entity]
             metrics = dict(zip(names, map(float, counters)))
             for name, (num, den) in ratios.items():
                 if metrics[den]:
@@ -267,49 +271,77 @@ class MergeWindowMetrics(beam.CombineFn):
         return accumulator
 
 
-_TIMING = {PaneInfoTiming.EARLY: "EARLY", PaneInfoTiming.ON_TIME: "ON_TIME", PaneInfoTiming.LATE: "LATE"}
+class _WindowTotal(NamedTuple):
+    """What AccumulatePanes keeps per window: its value so far, whether it
+    closed (its on-time rows were emitted), and how many panes it emitted."""
+    partial: Partial
+    closed: bool
+    panes: int
 
 
-class EmitChangedRows(beam.DoFn):
-    """Input: (label, Partial) of one fired pane. Output: a WindowAggregate with
-    the rows whose values changed since this window's previous pane, if any.
+class AccumulatePanes(beam.DoFn):
+    """Input: (label, Partial) of one fired pane, holding only what arrived since
+    the window's previous pane. Output: WindowAggregates with each row's total
+    so far: EARLY rows while the window is open, every row once as ON_TIME
+    when the watermark passes its end, LATE rows for late data after that.
 
-    Accumulating panes repeat every entity of the window; most have not moved
-    since the last pane, and a runner may refire a pane without new data
-    (Prism does, at the end of a window). Writing only what changed leaves the
-    sinks in the same state for a fraction of the writes. State is per key
-    and window, and expires with the window.
+    Why here and not in the trigger's accumulating mode: Prism (2.75) keeps
+    the elements of an accumulating window pending until the window expires,
+    and they hold the aggregation's watermark back, so after the first panes
+    nothing downstream of it is scheduled again on an open stream. Discarding
+    panes merged into per-window state give the same totals, and each pane
+    carries only new partials. Only the entities a pane touched can have
+    changed, so only those rows are emitted; the sinks overwrite, never add.
 
     ``catch_up_after_s``: an early pane of a window that ended longer ago than
-    this (by the wall clock) is not passed on: the job is catching up on a
-    backlog, the watermark will close that window shortly, and speculative
-    values of the past are writes nobody reads. None passes every pane.
+    this (by the wall clock) is merged but not emitted: the job is catching up
+    on a backlog, the watermark will close that window shortly, and
+    speculative values of the past are writes nobody reads. None emits all.
     """
-    LAST = ReadModifyWriteStateSpec("last_emitted", PickleCoder())
+    TOTAL = ReadModifyWriteStateSpec("window_total", PickleCoder())
+    END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
 
     def __init__(self, catch_up_after_s: Optional[float] = None):
         self.catch_up_after_s = catch_up_after_s
-        self.unchanged = Metrics.counter("WindowedMetrics", "unchanged_rows_skipped")
         self.early_skipped = Metrics.counter("WindowedMetrics", "catch_up_early_panes_skipped")
 
     def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam,
-                last=beam.DoFn.StateParam(LAST)):
-        if (self.catch_up_after_s is not None and pane.timing == PaneInfoTiming.EARLY
-                and win.end.micros / 1e6 < time.time() - self.catch_up_after_s):
-            self.early_skipped.inc()
+                total=beam.DoFn.StateParam(TOTAL),
+                end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
+        _, delta = element
+        state = total.read()
+        if state is None:
+            state = _WindowTotal({}, False, 0)
+            end_of_window.set(win.max_timestamp())
+        merge_into(state.partial, delta)
+        if not state.closed and (pane.timing != PaneInfoTiming.EARLY or self._catching_up(win)):
+            total.write(state)  # the end-of-window timer emits these rows
             return
-        _, partial = element
-        previous = last.read() or {}
-        rows = [r for r in metric_rows(partial) if previous.get((r.family, r.entity_id)) != r.metrics]
-        self.unchanged.inc(sum(len(e) for e in partial.values()) - len(rows))
+        rows = metric_rows(state.partial, only=delta)
         if not rows:
+            total.write(state)
             return
-        previous.update(((r.family, r.entity_id), r.metrics) for r in rows)
-        last.write(previous)
-        start_ms = int(win.start.micros // 1000)
-        end_ms = int(win.end.micros // 1000)
-        timing = _TIMING.get(pane.timing, "UNKNOWN")
-        yield WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, pane.index, rows)
+        total.write(state._replace(panes=state.panes + 1))
+        yield _aggregate(win, "LATE" if state.closed else "EARLY", state.panes, rows)
+
+    @on_timer(END_OF_WINDOW)
+    def on_end_of_window(self, win=beam.DoFn.WindowParam, total=beam.DoFn.StateParam(TOTAL)):
+        state = total.read()
+        if state is None or state.closed:
+            return
+        total.write(state._replace(closed=True, panes=state.panes + 1))
+        yield _aggregate(win, "ON_TIME", state.panes, metric_rows(state.partial))
+
+    def _catching_up(self, win) -> bool:
+        if self.catch_up_after_s is None or win.end.micros / 1e6 >= time.time() - self.catch_up_after_s:
+            return False
+        self.early_skipped.inc()
+        return True
+
+
+def _aggregate(win, timing: str, index: int, rows: list[MetricRow]) -> WindowAggregate:
+    start_ms, end_ms = win.start.micros // 1000, win.end.micros // 1000
+    return WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, index, rows)
 
 
 class WindowedMetrics(beam.PTransform):
@@ -327,7 +359,7 @@ class WindowedMetrics(beam.PTransform):
     None: no early panes (a bounded job, whose watermark closes every window). ``allowed_lateness_s``: how long after the
     watermark passes a window late events still refire it; later ones are
     dropped by the runner (they remain in the raw-event archive for replay).
-    ``catch_up_after_s``: see :class:`EmitChangedRows`.
+    ``catch_up_after_s``: see :class:`AccumulatePanes`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
@@ -356,8 +388,8 @@ class WindowedMetrics(beam.PTransform):
                         early=None if self.early_firing_s is None
                         else trigger.AfterProcessingTime(self.early_delay_s(size)),
                         late=trigger.AfterCount(1)),
-                    accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=Duration(seconds=self.allowed_lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
-                | f"ChangedRows{label}" >> beam.ParDo(EmitChangedRows(self.catch_up_after_s)))
+                | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(self.catch_up_after_s)))
         return panes
