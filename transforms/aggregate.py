@@ -37,7 +37,7 @@ from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from transforms.records import Event
@@ -271,6 +271,15 @@ class MergeWindowMetrics(beam.CombineFn):
         return accumulator
 
 
+class KeyByWindow(beam.DoFn):
+    """Input: (label, Partial) of one fired pane. Output: ((label, window start
+    ms, window end ms), (pane timing, Partial)), so the pane can leave its window."""
+
+    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        label, partial = element
+        yield (label, win.start.micros // 1000, win.end.micros // 1000), (pane.timing, partial)
+
+
 class _WindowTotal(NamedTuple):
     """What AccumulatePanes keeps per window: its value so far, whether it
     closed (its on-time rows were emitted), and how many panes it emitted."""
@@ -280,18 +289,22 @@ class _WindowTotal(NamedTuple):
 
 
 class AccumulatePanes(beam.DoFn):
-    """Input: (label, Partial) of one fired pane, holding only what arrived since
-    the window's previous pane. Output: WindowAggregates with each row's total
-    so far: EARLY rows while the window is open, every row once as ON_TIME
-    when the watermark passes its end, LATE rows for late data after that.
+    """Input, in the global window: ((label, start ms, end ms), (timing, Partial))
+    for each fired pane, holding only what arrived since the window's previous
+    pane. Output: WindowAggregates with each row's total so far: EARLY rows
+    while the window is open, every row once as ON_TIME when the watermark
+    passes its end, LATE rows for late data after that.
 
-    Why here and not in the trigger's accumulating mode: Prism (2.75) keeps
-    the elements of an accumulating window pending until the window expires,
-    and they hold the aggregation's watermark back, so after the first panes
-    nothing downstream of it is scheduled again on an open stream. Discarding
-    panes merged into per-window state give the same totals, and each pane
-    carries only new partials. Only the entities a pane touched can have
-    changed, so only those rows are emitted; the sinks overwrite, never add.
+    Why state and not the trigger's accumulating mode: Prism (2.75) keeps the
+    elements of an accumulating window pending until the window expires, and
+    they hold the aggregation's watermark back, so after the first panes
+    nothing downstream of it is scheduled again on an open stream. And why
+    the global window: Prism drops a stateful step's state when the watermark
+    passes the end of its window, ignoring the allowed lateness, so late panes
+    would find it gone; here a timer clears it once the lateness has passed.
+
+    Only the entities a pane touched can have changed, so only those rows
+    are emitted; the sinks overwrite, never add.
 
     ``catch_up_after_s``: an early pane of a window that ended longer ago than
     this (by the wall clock) is merged but not emitted: the job is catching up
@@ -299,48 +312,59 @@ class AccumulatePanes(beam.DoFn):
     speculative values of the past are writes nobody reads. None emits all.
     """
     TOTAL = ReadModifyWriteStateSpec("window_total", PickleCoder())
-    END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
+    CLOSE_THEN_EXPIRE = TimerSpec("close_then_expire", TimeDomain.WATERMARK)
 
-    def __init__(self, catch_up_after_s: Optional[float] = None):
+    def __init__(self, allowed_lateness_s: int, catch_up_after_s: Optional[float] = None):
+        self.allowed_lateness = Duration(seconds=allowed_lateness_s)
         self.catch_up_after_s = catch_up_after_s
         self.early_skipped = Metrics.counter("WindowedMetrics", "catch_up_early_panes_skipped")
 
-    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam,
-                total=beam.DoFn.StateParam(TOTAL),
-                end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
-        _, delta = element
+    def process(self, element, total=beam.DoFn.StateParam(TOTAL),
+                timer=beam.DoFn.TimerParam(CLOSE_THEN_EXPIRE)):
+        key, (timing, delta) = element
         state = total.read()
         if state is None:
+            if not delta:
+                return
             state = _WindowTotal({}, False, 0)
-            end_of_window.set(win.max_timestamp())
+            timer.set(_max_timestamp(key))
         merge_into(state.partial, delta)
-        if not state.closed and (pane.timing != PaneInfoTiming.EARLY or self._catching_up(win)):
-            total.write(state)  # the end-of-window timer emits these rows
+        if not state.closed and (timing != PaneInfoTiming.EARLY or self._catching_up(key)):
+            total.write(state)  # the timer at the window's end emits these rows
             return
         rows = metric_rows(state.partial, only=delta)
         if not rows:
             total.write(state)
             return
         total.write(state._replace(panes=state.panes + 1))
-        yield _aggregate(win, "LATE" if state.closed else "EARLY", state.panes, rows)
+        yield _aggregate(key, "LATE" if state.closed else "EARLY", state.panes, rows)
 
-    @on_timer(END_OF_WINDOW)
-    def on_end_of_window(self, win=beam.DoFn.WindowParam, total=beam.DoFn.StateParam(TOTAL)):
+    @on_timer(CLOSE_THEN_EXPIRE)
+    def on_timer(self, key=beam.DoFn.KeyParam, total=beam.DoFn.StateParam(TOTAL),
+                 timer=beam.DoFn.TimerParam(CLOSE_THEN_EXPIRE)):
         state = total.read()
-        if state is None or state.closed:
+        if state is None:
+            return
+        if state.closed:  # the allowed lateness has passed: the runner drops later data
+            total.clear()
             return
         total.write(state._replace(closed=True, panes=state.panes + 1))
-        yield _aggregate(win, "ON_TIME", state.panes, metric_rows(state.partial))
+        timer.set(_max_timestamp(key) + self.allowed_lateness)
+        yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial))
 
-    def _catching_up(self, win) -> bool:
-        if self.catch_up_after_s is None or win.end.micros / 1e6 >= time.time() - self.catch_up_after_s:
+    def _catching_up(self, key) -> bool:
+        if self.catch_up_after_s is None or key[2] / 1000 >= time.time() - self.catch_up_after_s:
             return False
         self.early_skipped.inc()
         return True
 
 
-def _aggregate(win, timing: str, index: int, rows: list[MetricRow]) -> WindowAggregate:
-    start_ms, end_ms = win.start.micros // 1000, win.end.micros // 1000
+def _max_timestamp(key) -> Timestamp:
+    return Timestamp(micros=key[2] * 1000) - Duration(micros=1)
+
+
+def _aggregate(key, timing: str, index: int, rows: list[MetricRow]) -> WindowAggregate:
+    _, start_ms, end_ms = key
     return WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, index, rows)
 
 
@@ -391,5 +415,8 @@ class WindowedMetrics(beam.PTransform):
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=Duration(seconds=self.allowed_lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
-                | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(self.catch_up_after_s)))
+                | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow())
+                | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows())
+                | f"Accumulate{label}" >> beam.ParDo(
+                    AccumulatePanes(self.allowed_lateness_s, self.catch_up_after_s)))
         return panes

@@ -15,11 +15,11 @@ from tests.integration.conftest import BROKERS, REPO
 pytestmark = pytest.mark.integration
 
 
-def send_now(stack, n, seed, per_window):
-    """Produces ``n`` records stamped with the last second; counts the valid
-    ones by 1-minute window into ``per_window``."""
-    now = int(time.time() * 1000)
-    cfg = TrafficConfig(events=n, span_seconds=1, end_time_ms=now, max_disorder_ms=0, seed=seed)
+def send_now(stack, n, seed, per_window, end_ms=None):
+    """Produces ``n`` records stamped with the second before ``end_ms`` (now by
+    default); counts the valid ones by 1-minute window into ``per_window``."""
+    end_ms = end_ms or int(time.time() * 1000)
+    cfg = TrafficConfig(events=n, span_seconds=1, end_time_ms=end_ms, max_disorder_ms=0, seed=seed)
     records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(cfg)]
     produce(iter(records), BROKERS)
     for r in records:
@@ -29,10 +29,12 @@ def send_now(stack, n, seed, per_window):
 
 
 def test_windows_keep_firing_on_an_open_stream_and_sigterm_stops_the_job(stack):
-    """While input keeps coming: the first window gets its exact ON_TIME value
-    and the next one shows EARLY values before it ends. (Prism 2.75 once let
-    an accumulating window hold the watermark, and after the first early
-    panes nothing more reached Redis.)"""
+    """While input keeps coming: the first window gets its exact ON_TIME value,
+    the next one shows EARLY values before it ends, and late events for the
+    closed window refire it as LATE with the exact new total. (On Prism 2.75
+    an accumulating window once held the watermark, so after the first early
+    panes nothing more reached Redis; and a stateful step's state was dropped
+    at the end of its window, so a late pane replaced the total with itself.)"""
     cmd = [sys.executable, "-m", "pipelines.streaming", *stack.pipeline_args(early_firing=1)]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
@@ -59,6 +61,16 @@ def test_windows_keep_firing_on_an_open_stream_and_sigterm_stops_the_job(stack):
         assert closed.get("pane_timing") == "ON_TIME", f"window {first} never closed: {closed}"
         assert float(closed["events"]) == per_window[first]
         assert early_while_open, "no early value for a window opened after the first one"
+
+        send_now(stack, 30, seed=1, per_window=per_window, end_ms=first + 30_000)
+        late, deadline = {}, time.monotonic() + 60
+        # The late events reach the window in one LATE pane or several.
+        while time.monotonic() < deadline and float(late.get("events", 0)) != per_window[first]:
+            send_now(stack, 100, seed=int(time.time() * 1000), per_window=per_window)
+            time.sleep(1)
+            late = overall(first)
+        assert late.get("pane_timing") == "LATE", f"no late pane for window {first}: {late}"
+        assert float(late["events"]) == per_window[first] > float(closed["events"])
     finally:
         job.send_signal(signal.SIGTERM)
         try:
