@@ -38,7 +38,7 @@ from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration, Timestamp
-from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.records import Event
 
@@ -273,11 +273,11 @@ class MergeWindowMetrics(beam.CombineFn):
 
 class KeyByWindow(beam.DoFn):
     """Input: (label, Partial) of one fired pane. Output: ((label, window start
-    ms, window end ms), (pane timing, Partial)), so the pane can leave its window."""
+    ms, window end ms), Partial), so the pane can leave its window."""
 
-    def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    def process(self, element, win=beam.DoFn.WindowParam):
         label, partial = element
-        yield (label, win.start.micros // 1000, win.end.micros // 1000), (pane.timing, partial)
+        yield (label, win.start.micros // 1000, win.end.micros // 1000), partial
 
 
 class _WindowTotal(NamedTuple):
@@ -289,19 +289,23 @@ class _WindowTotal(NamedTuple):
 
 
 class AccumulatePanes(beam.DoFn):
-    """Input, in the global window: ((label, start ms, end ms), (timing, Partial))
-    for each fired pane, holding only what arrived since the window's previous
+    """Input, in the global window: ((label, start ms, end ms), Partial) for
+    each fired pane, holding only what arrived since the window's previous
     pane. Output: WindowAggregates with each row's total so far: EARLY rows
-    while the window is open, every row once as ON_TIME when the watermark
-    passes its end, LATE rows for late data after that.
+    while the window is open (if ``emit_early``), every row once as ON_TIME
+    when the watermark passes the window's end, LATE rows after that.
 
-    Why state and not the trigger's accumulating mode: Prism (2.75) keeps the
-    elements of an accumulating window pending until the window expires, and
-    they hold the aggregation's watermark back, so after the first panes
-    nothing downstream of it is scheduled again on an open stream. And why
-    the global window: Prism drops a stateful step's state when the watermark
-    passes the end of its window, ignoring the allowed lateness, so late panes
-    would find it gone; here a timer clears it once the lateness has passed.
+    Why state, and not the trigger's accumulating mode and pane timing:
+    Prism (2.75) keeps the elements of an accumulating window pending until
+    the window expires, holding the aggregation's watermark back, so on an
+    open stream nothing downstream of it is scheduled again; and it can leave
+    an element that arrives as the window closes pending until the window
+    expires (the late trigger never counted it). So the panes before this
+    step fire on processing time alone, and this step tells early from
+    on-time from late by the watermark, with a timer. And why the global
+    window: Prism drops a stateful step's state when the watermark passes the
+    end of its window, ignoring the allowed lateness; here the same timer
+    clears it once the lateness has passed.
 
     Only the entities a pane touched can have changed, so only those rows
     are emitted; the sinks overwrite, never add.
@@ -314,14 +318,16 @@ class AccumulatePanes(beam.DoFn):
     TOTAL = ReadModifyWriteStateSpec("window_total", PickleCoder())
     CLOSE_THEN_EXPIRE = TimerSpec("close_then_expire", TimeDomain.WATERMARK)
 
-    def __init__(self, allowed_lateness_s: int, catch_up_after_s: Optional[float] = None):
+    def __init__(self, allowed_lateness_s: int, emit_early: bool = True,
+                 catch_up_after_s: Optional[float] = None):
         self.allowed_lateness = Duration(seconds=allowed_lateness_s)
+        self.emit_early = emit_early
         self.catch_up_after_s = catch_up_after_s
         self.early_skipped = Metrics.counter("WindowedMetrics", "catch_up_early_panes_skipped")
 
     def process(self, element, total=beam.DoFn.StateParam(TOTAL),
                 timer=beam.DoFn.TimerParam(CLOSE_THEN_EXPIRE)):
-        key, (timing, delta) = element
+        key, delta = element
         state = total.read()
         if state is None:
             if not delta:
@@ -329,7 +335,7 @@ class AccumulatePanes(beam.DoFn):
             state = _WindowTotal({}, False, 0)
             timer.set(_max_timestamp(key))
         merge_into(state.partial, delta)
-        if not state.closed and (timing != PaneInfoTiming.EARLY or self._catching_up(key)):
+        if not state.closed and (not self.emit_early or self._catching_up(key)):
             total.write(state)  # the timer at the window's end emits these rows
             return
         rows = metric_rows(state.partial, only=delta)
@@ -370,7 +376,7 @@ def _aggregate(key, timing: str, index: int, rows: list[MetricRow]) -> WindowAgg
 
 class WindowedMetrics(beam.PTransform):
     """Batches of Events -> {window label: PCollection of WindowAggregate}, one
-    element per fired pane.
+    element per emitted pane (see :class:`AccumulatePanes`).
 
     One PCollection per window size rather than a Flatten: sinks applied to
     each fuse into that window's stage, so panes are never serialized again
@@ -379,10 +385,11 @@ class WindowedMetrics(beam.PTransform):
     ``early_firing_s``: processing-time delay between early panes (real-time
     values before the window closes) of the finest windows; a window of size S
     fires early at most every max(early_firing_s, min(S / 60, 60)) seconds,
-    because each early pane rewrites every entity of the window in the sinks.
-    None: no early panes (a bounded job, whose watermark closes every window). ``allowed_lateness_s``: how long after the
-    watermark passes a window late events still refire it; later ones are
-    dropped by the runner (they remain in the raw-event archive for replay).
+    because each early pane rewrites the entities it touched in the sinks.
+    None: no early panes (a bounded job, whose watermark closes every
+    window). ``allowed_lateness_s``: how long after the watermark passes a
+    window late events still refire it; later ones are dropped by the runner
+    (they remain in the raw-event archive for replay).
     ``catch_up_after_s``: see :class:`AccumulatePanes`.
     """
 
@@ -398,6 +405,12 @@ class WindowedMetrics(beam.PTransform):
     def early_delay_s(self, size_s: int) -> int:
         return int(max(self.early_firing_s, min(size_s // 60, 60)))
 
+    def _trigger(self, size_s: int) -> trigger.TriggerFn:
+        if self.early_firing_s is None:
+            return trigger.DefaultTrigger()  # one pane as the watermark passes (bounded jobs)
+        # Processing time alone: AccumulatePanes tells early, on-time and late apart.
+        return trigger.Repeatedly(trigger.AfterProcessingTime(self.early_delay_s(size_s)))
+
     def expand(self, event_batches: PCollection) -> dict[str, PCollection]:
         labels = [window_label(s) for s in self.window_sizes_s]
         partials = event_batches | "FoldIntoWindows" >> beam.ParDo(
@@ -407,16 +420,12 @@ class WindowedMetrics(beam.PTransform):
             panes[label] = (
                 partials[label]
                 | f"Window{label}" >> beam.WindowInto(
-                    window.FixedWindows(size),
-                    trigger=trigger.AfterWatermark(
-                        early=None if self.early_firing_s is None
-                        else trigger.AfterProcessingTime(self.early_delay_s(size)),
-                        late=trigger.AfterCount(1)),
+                    window.FixedWindows(size), trigger=self._trigger(size),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=Duration(seconds=self.allowed_lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
                 | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow())
                 | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows())
-                | f"Accumulate{label}" >> beam.ParDo(
-                    AccumulatePanes(self.allowed_lateness_s, self.catch_up_after_s)))
+                | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
+                    self.allowed_lateness_s, self.early_firing_s is not None, self.catch_up_after_s)))
         return panes
