@@ -97,7 +97,7 @@ class KafkaReadConfig:
     batch_size: int = 2000
     poll_timeout_s: float = 0.2
     max_bundle_s: float = 1.0
-    idle_resume_s: float = 0.5
+    idle_resume_s: float = 0.2
     max_out_of_orderness_s: float = 5.0
     idle_timeout_s: Optional[float] = None
     commit_offsets: bool = True
@@ -208,6 +208,7 @@ class _PartitionReader:
         self.position = start
         self.consumer.assign([TopicPartition(topic, partition, start)])
         self.last_record_at = time.monotonic()
+        self.last_idle_poll_at = -math.inf
 
     def seek(self, offset: int) -> None:
         if offset != self.position:
@@ -217,6 +218,23 @@ class _PartitionReader:
     def end_offset(self) -> int:
         return self.consumer.get_watermark_offsets(
             TopicPartition(self.topic, self.partition), timeout=5, cached=False)[1]
+
+    def caught_up(self) -> bool:
+        """Whether the last fetch response's end of log is read (no broker call)."""
+        high = self.consumer.get_watermark_offsets(
+            TopicPartition(self.topic, self.partition), cached=True)[1]
+        return high < 0 or self.position >= high
+
+    def pace(self, interval_s: float) -> None:
+        """Sleeps so that an idle partition is polled at most every ``interval_s``.
+
+        Prism re-runs a checkpoint at once, ignoring its resume delay, so
+        without this an idle stream would spin. The partitions of a read run
+        one after another in a bundle, so in practice only the first waits.
+        """
+        wait = self.last_idle_poll_at + interval_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
 
 
 class ReadPartitionFn(beam.DoFn):
@@ -266,8 +284,10 @@ class ReadPartitionFn(beam.DoFn):
         bounded = restriction.stop != UNBOUNDED
         deadline = math.inf if bounded else time.monotonic() + self.config.max_bundle_s
         lag = Duration(seconds=self.config.max_out_of_orderness_s)
+        if not bounded:
+            reader.pace(self.config.idle_resume_s)
         while time.monotonic() < deadline:
-            records = self._poll(reader, restriction.stop)
+            records = self._poll(reader, restriction.stop, wait=bounded or not reader.caught_up())
             if not records:
                 if bounded and reader.end_offset() > reader.position:
                     continue  # a slow fetch: the range's records are there, wait for them
@@ -289,10 +309,15 @@ class ReadPartitionFn(beam.DoFn):
             yield TimestampedValue(records, oldest if current is None or oldest > current else current)
             if call.next_offset >= restriction.stop:
                 return
+            if not bounded and reader.caught_up():
+                break  # hand on what there is now rather than wait for more
         tracker.defer_remainder()
 
-    def _poll(self, reader: _PartitionReader, stop: int) -> list[KafkaRecord]:
-        messages = reader.consumer.consume(self.config.batch_size, timeout=self.config.poll_timeout_s)
+    def _poll(self, reader: _PartitionReader, stop: int, wait: bool) -> list[KafkaRecord]:
+        # Caught up, a live read takes what the consumer has fetched in the
+        # background (pacing bounds how often); behind, it waits for the rest.
+        timeout = self.config.poll_timeout_s if wait else 0
+        messages = reader.consumer.consume(self.config.batch_size, timeout=timeout)
         records = []
         for m in messages:
             err = m.error()
@@ -337,6 +362,7 @@ class ReadPartitionFn(beam.DoFn):
             call.advance(MAX_TIMESTAMP)
             return
         # Caught up: time passes without records, so the watermark follows the clock.
+        reader.last_idle_poll_at = time.monotonic()
         call.advance(Timestamp.now() - Duration(seconds=self.config.max_out_of_orderness_s))
         tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
 
