@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from pipelines.options import AnalyticsOptions, check_services, fail
 from transforms.aggregate import WindowedMetrics
@@ -65,6 +68,8 @@ class ReplayOptions(PipelineOptions):
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
         parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                             help="worker processes of the batch runner")
+        parser.add_argument("--progress_every", type=float, default=5.0,
+                            help="seconds between progress lines (records read of the range) on stderr")
 
 
 def _millis(text: str, name: str) -> int:
@@ -93,9 +98,58 @@ def resolve(opts: AnalyticsOptions, ropts: ReplayOptions) -> tuple[ResolvedRange
         fail(str(e))
 
 
+class ReplayProgress(threading.Thread):
+    """Prints "read X of Y records" every ``every_s`` while the job runs.
+
+    The readers run in the runner's worker processes; they commit their
+    positions to a throwaway consumer group (``group``) as they go, and this
+    thread reads those offsets. The group is deleted at the end.
+    """
+
+    def __init__(self, brokers: str, rng: ResolvedRange, every_s: float = 5.0):
+        super().__init__(daemon=True, name="replay-progress")
+        self.brokers, self.rng, self.every_s = brokers, rng, every_s
+        self.group = f"replay-progress-{uuid.uuid4().hex[:12]}"
+        self.done = threading.Event()
+
+    def read_so_far(self, consumer: Consumer) -> int:
+        specs = self.rng.partitions
+        committed = consumer.committed([TopicPartition(s.topic, s.partition) for s in specs], timeout=5)
+        return sum(min(c.offset, s.stop) - s.start for c, s in zip(committed, specs) if c.offset > s.start)
+
+    def run(self) -> None:
+        total, began = self.rng.total_records, time.monotonic()
+        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": self.group})
+        try:
+            while True:
+                finishing = self.done.wait(self.every_s)  # one last line once the job ended
+                read = self.read_so_far(consumer)
+                rate = read / (time.monotonic() - began)
+                print(f"replay: read {read:,} of {total:,} records ({100 * read / max(total, 1):.0f}%), "
+                      f"{rate:,.0f}/s", file=sys.stderr, flush=True)
+                if finishing:
+                    break
+        except Exception as e:  # progress is a courtesy; it never fails the replay
+            LOG.warning("progress reporting stopped: %s", e)
+        finally:
+            consumer.close()
+
+    def finish(self) -> None:
+        self.done.set()
+        self.join(10)
+        admin = AdminClient({"bootstrap.servers": self.brokers})  # kept: its futures die with it
+        try:
+            for future in admin.delete_consumer_groups([self.group], request_timeout=10).values():
+                future.result(timeout=15)
+        except Exception:
+            pass  # a group that never committed does not exist
+
+
 def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, rng: ResolvedRange,
-          span: Optional[tuple[int, int]], dataset_dir: Optional[str], temp_dir: Optional[str]) -> None:
-    config = KafkaReadConfig(brokers=opts.brokers, batch_size=opts.batch_size, commit_offsets=False)
+          span: Optional[tuple[int, int]], dataset_dir: Optional[str], temp_dir: Optional[str],
+          progress: Optional[ReplayProgress] = None) -> None:
+    gauge = {"group_id": progress.group, "progress_commit_s": progress.every_s / 2} if progress else {}
+    config = KafkaReadConfig(brokers=opts.brokers, batch_size=opts.batch_size, commit_offsets=False, **gauge)
     decoded = (p | "ReadEvents" >> ReadEvents(config, partitions=rng.partitions)
                | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
     events = decoded.events
@@ -167,18 +221,23 @@ def run(argv: Optional[list[str]] = None) -> int:
     options.view_as(DirectOptions).direct_running_mode = "multi_processing" if ropts.workers > 1 else "in_memory"
     staging = f"{output}.tmp-{uuid.uuid4().hex[:8]}" if output else None
     began = time.monotonic()
+    progress = ReplayProgress(opts.brokers, rng, ropts.progress_every)
     try:
         p = beam.Pipeline(runner=_batch_runner(options), options=options)
         build(p, opts, ropts, rng, span, os.path.join(staging, "data") if staging else None,
-              os.path.join(staging, "_temp") if staging else None)
+              os.path.join(staging, "_temp") if staging else None, progress)
+        progress.start()
         result = p.run()
         state = result.wait_until_finish()
+        progress.finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"job ended in state {state}")
         summary = manifest(result, rng, ropts, time.monotonic() - began)
         if staging:
             _publish(staging, output, summary, ropts.overwrite)
     except Exception as e:  # a failed replay leaves nothing that looks complete
+        if progress.is_alive():
+            progress.finish()
         if staging and os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
         LOG.debug("replay failed", exc_info=True)

@@ -101,6 +101,10 @@ class KafkaReadConfig:
     max_out_of_orderness_s: float = 5.0
     idle_timeout_s: Optional[float] = None
     commit_offsets: bool = True
+    # Bounded reads only: commit the position to the group this often while
+    # reading, so another process can report progress (see
+    # pipelines.replay); such a group is a gauge, never a place to resume from.
+    progress_commit_s: Optional[float] = None
     start_from: str = "committed"  # committed offsets, else earliest; or "earliest"/"latest"
     consumer_config: dict = field(default_factory=dict)
 
@@ -209,6 +213,7 @@ class _PartitionReader:
         self.consumer.assign([TopicPartition(topic, partition, start)])
         self.last_record_at = time.monotonic()
         self.last_idle_poll_at = -math.inf
+        self.last_progress_at = time.monotonic()
 
     def seek(self, offset: int) -> None:
         if offset != self.position:
@@ -307,11 +312,21 @@ class ReadPartitionFn(beam.DoFn):
             call.advance(newest - lag)
             current = watermark.current_watermark()
             yield TimestampedValue(records, oldest if current is None or oldest > current else current)
+            if bounded:
+                self._report_progress(reader, done=call.next_offset >= restriction.stop)
             if call.next_offset >= restriction.stop:
                 return
             if not bounded and reader.caught_up():
                 break  # hand on what there is now rather than wait for more
         tracker.defer_remainder()
+
+    def _report_progress(self, reader: _PartitionReader, done: bool) -> None:
+        every = self.config.progress_commit_s
+        if every is None or not done and time.monotonic() - reader.last_progress_at < every:
+            return
+        reader.last_progress_at = time.monotonic()
+        reader.consumer.commit(offsets=[TopicPartition(reader.topic, reader.partition, reader.position)],
+                               asynchronous=not done)
 
     def _poll(self, reader: _PartitionReader, stop: int, wait: bool) -> list[KafkaRecord]:
         # Caught up, a live read takes what the consumer has fetched in the

@@ -2,6 +2,7 @@
 the archive filling in what retention deleted, and bad requests."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,8 +54,13 @@ def rows(dsn, table):
 
 def test_dataset_matches_what_was_produced_and_replay_equals_streaming(stack, produced, tmp_path):
     out = tmp_path / "ds"
-    proc = replay(stack, f"--start={iso(END - 2 * HOUR)}", f"--end={iso(END)}", f"--output={out}", "--aggregates")
+    proc = replay(stack, f"--start={iso(END - 2 * HOUR)}", f"--end={iso(END)}", f"--output={out}", "--aggregates",
+                  "--progress_every=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    progress = [tuple(int(n.replace(",", "")) for n in re.findall(r"read ([\d,]+) of ([\d,]+) records", line)[0])
+                for line in proc.stderr.splitlines() if line.startswith("replay: read ")]
+    assert [read for read, _ in progress] == sorted(read for read, _ in progress)  # never goes back
+    assert progress[-1] == (len(produced), len(produced))  # the last line: everything read
     valid = Counter(r.event_type for r in produced if r.error_code is None)
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     assert Counter(table.column("event_type").to_pylist()) == valid
