@@ -160,7 +160,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, rng: R
         events | "WriteTrainingDataset" >> WriteTrainingDataset(dataset_dir, temp_dir)
     if ropts.aggregates:
         panes = events | "WindowedMetrics" >> WindowedMetrics(
-            opts.window_sizes_s(), early_firing_s=None, allowed_lateness_s=opts.allowed_lateness)
+            opts.window_sizes_s(), early_firing_s=None, allowed_lateness_s=opts.allowed_lateness,
+            expire_state=False)
         for label, aggregates in panes.items():
             if span is not None:  # a window cut by the range would overwrite a whole one with a part
                 aggregates = aggregates | f"WholeWindows{label}" >> beam.Filter(

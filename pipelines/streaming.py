@@ -47,9 +47,10 @@ class StreamingOptions(PipelineOptions):
 
 def build(p: beam.Pipeline, opts: AnalyticsOptions) -> None:
     """Wires the transforms; shared by ``run`` and the tests."""
+    until_idle = opts.view_as(StreamingOptions).until_idle
     config = KafkaReadConfig(brokers=opts.brokers, group_id=opts.group_id, batch_size=opts.batch_size,
                              max_out_of_orderness_s=opts.max_out_of_orderness,
-                             idle_timeout_s=opts.view_as(StreamingOptions).until_idle,
+                             idle_timeout_s=until_idle,
                              start_from=opts.view_as(StreamingOptions).start_from)
     decoded = (p | "ReadEvents" >> ReadEvents(config, topics=opts.topic_list())
                | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
@@ -58,7 +59,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions) -> None:
         decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn)
     panes = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
-        allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S)
+        allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
+        expire_state=until_idle is None)
     sinks = opts.sink_set()
     targets = AggregateSinks(redis_url=opts.redis_url if "redis" in sinks else None,
                              postgres_dsn=opts.postgres_dsn if "postgres" in sinks else None,

@@ -314,13 +314,21 @@ class AccumulatePanes(beam.DoFn):
     this (by the wall clock) is merged but not emitted: the job is catching up
     on a backlog, the watermark will close that window shortly, and
     speculative values of the past are writes nobody reads. None emits all.
+
+    ``expire``: clear a window's state once its allowed lateness has passed
+    (what a job that runs for days needs). A job that drains to the end
+    (``--until_idle``, replay) keeps it: there the watermark jumps to the end
+    of time, both timers fire at once, and Prism may still deliver a pane
+    fired on processing time after them (such panes hold no watermark); with
+    the state cleared, it would start a new total and overwrite the full one.
     """
     TOTAL = ReadModifyWriteStateSpec("window_total", PickleCoder())
     CLOSE_THEN_EXPIRE = TimerSpec("close_then_expire", TimeDomain.WATERMARK)
 
     def __init__(self, allowed_lateness_s: int, emit_early: bool = True,
-                 catch_up_after_s: Optional[float] = None):
+                 catch_up_after_s: Optional[float] = None, expire: bool = True):
         self.allowed_lateness = Duration(seconds=allowed_lateness_s)
+        self.expire = expire
         self.emit_early = emit_early
         self.catch_up_after_s = catch_up_after_s
         self.early_skipped = Metrics.counter("WindowedMetrics", "catch_up_early_panes_skipped")
@@ -355,7 +363,8 @@ class AccumulatePanes(beam.DoFn):
             total.clear()
             return
         total.write(state._replace(closed=True, panes=state.panes + 1))
-        timer.set(_max_timestamp(key) + self.allowed_lateness)
+        if self.expire:
+            timer.set(_max_timestamp(key) + self.allowed_lateness)
         yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial))
 
     def _catching_up(self, key) -> bool:
@@ -390,13 +399,14 @@ class WindowedMetrics(beam.PTransform):
     window). ``allowed_lateness_s``: how long after the watermark passes a
     window late events still refire it; later ones are dropped by the runner
     (they remain in the raw-event archive for replay).
-    ``catch_up_after_s``: see :class:`AccumulatePanes`.
+    ``catch_up_after_s``, ``expire_state``: see :class:`AccumulatePanes`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
                  early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
-                 catch_up_after_s: Optional[float] = None):
+                 catch_up_after_s: Optional[float] = None, expire_state: bool = True):
         super().__init__()
+        self.expire_state = expire_state
         self.catch_up_after_s = catch_up_after_s
         self.window_sizes_s = tuple(window_sizes_s)
         self.early_firing_s = early_firing_s
@@ -408,8 +418,10 @@ class WindowedMetrics(beam.PTransform):
     def _trigger(self, size_s: int) -> trigger.TriggerFn:
         if self.early_firing_s is None:
             return trigger.DefaultTrigger()  # one pane as the watermark passes (bounded jobs)
-        # Processing time alone: AccumulatePanes tells early, on-time and late apart.
-        return trigger.Repeatedly(trigger.AfterProcessingTime(self.early_delay_s(size_s)))
+        # AccumulatePanes tells early, on-time and late apart itself (by its
+        # timer); the trigger only decides when partials move on.
+        return trigger.AfterWatermark(early=trigger.AfterProcessingTime(self.early_delay_s(size_s)),
+                                      late=trigger.AfterCount(1))
 
     def expand(self, event_batches: PCollection) -> dict[str, PCollection]:
         labels = [window_label(s) for s in self.window_sizes_s]
@@ -427,5 +439,6 @@ class WindowedMetrics(beam.PTransform):
                 | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow())
                 | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows())
                 | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
-                    self.allowed_lateness_s, self.early_firing_s is not None, self.catch_up_after_s)))
+                    self.allowed_lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
+                    self.expire_state)))
         return panes
