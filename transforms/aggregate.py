@@ -298,14 +298,13 @@ class AccumulatePanes(beam.DoFn):
     Why state, and not the trigger's accumulating mode and pane timing:
     Prism (2.75) keeps the elements of an accumulating window pending until
     the window expires, holding the aggregation's watermark back, so on an
-    open stream nothing downstream of it is scheduled again; and it can leave
-    an element that arrives as the window closes pending until the window
-    expires (the late trigger never counted it). So the panes before this
-    step fire on processing time alone, and this step tells early from
-    on-time from late by the watermark, with a timer. And why the global
-    window: Prism drops a stateful step's state when the watermark passes the
-    end of its window, ignoring the allowed lateness; here the same timer
-    clears it once the lateness has passed.
+    open stream nothing downstream of it is scheduled again; and a pane it
+    fires on processing time holds no watermark, so it may arrive here after
+    the watermark passed its window's end. So this step tells early from
+    on-time from late itself, with a timer at the window's end. And why the
+    global window: Prism drops a stateful step's state when the watermark
+    passes the end of its window, ignoring the allowed lateness; here the
+    same timer clears it once the lateness has passed (see ``expire``).
 
     Only the entities a pane touched can have changed, so only those rows
     are emitted; the sinks overwrite, never add.
