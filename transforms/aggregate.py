@@ -335,10 +335,10 @@ class AccumulatePanes(beam.DoFn):
     def process(self, element, total=beam.DoFn.StateParam(TOTAL),
                 timer=beam.DoFn.TimerParam(CLOSE_THEN_EXPIRE)):
         key, delta = element
+        if not delta:  # a refire without new data changes nothing
+            return
         state = total.read()
         if state is None:
-            if not delta:
-                return
             state = _WindowTotal({}, False, 0)
             timer.set(_max_timestamp(key))
         merge_into(state.partial, delta)
@@ -346,9 +346,6 @@ class AccumulatePanes(beam.DoFn):
             total.write(state)  # the timer at the window's end emits these rows
             return
         rows = metric_rows(state.partial, only=delta)
-        if not rows:
-            total.write(state)
-            return
         total.write(state._replace(panes=state.panes + 1))
         yield _aggregate(key, "LATE" if state.closed else "EARLY", state.panes, rows)
 

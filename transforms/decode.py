@@ -14,7 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 
 from schemas import default_registry
-from transforms.records import DeadLetter, Event, KafkaRecord
+from transforms.records import DeadLetter, KafkaRecord
 from transforms.validation import EventValidator, InvalidRecord
 
 DEAD_LETTERS = "dead_letters"

@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Optional
+from typing import Optional
 
 import apache_beam as beam
 import psycopg2
