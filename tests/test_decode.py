@@ -2,11 +2,13 @@
 from collections import Counter
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from scripts.produce import TrafficConfig, generate
 from schemas import default_registry
+from schemas.wire import encode_avro
 from tests.helpers import BASE_MS, answer, avro_record, json_record, record
 from transforms.decode import DecodeAndValidate
 from transforms.records import KafkaRecord
@@ -55,3 +57,61 @@ def test_every_generated_fault_gets_the_code_the_generator_meant():
         want[r.error_code or "VALID"] += 1
     assert got == want
     assert len(want) == 11  # valid + all ten error codes (two faults share OUT_OF_RANGE)
+
+
+class ValidatorWithABug(EventValidator):
+    """Fails like a bug would, on the record at offset 13 only."""
+
+    def validate(self, record):
+        if record.offset == 13:
+            raise KeyError("schema_cache")
+        return super().validate(record)
+
+
+def test_an_unexpected_exception_is_one_processing_error_and_the_batch_goes_on():
+    batch = [avro_record("question_answered", answer(BASE_MS), offset=12),
+             record(b"{}", offset=13, headers=[("correlation_id", b"c13")]),
+             json_record("question_answered", answer(BASE_MS), offset=14),
+             record(b"", offset=15)]
+    with TestPipeline() as p:
+        out = p | beam.Create([batch]) | DecodeAndValidate(validator_class=ValidatorWithABug)
+        assert_that(out.events | "Offsets" >> beam.Map(lambda b: sorted(e.offset for e in b)),
+                    equal_to([[12, 14]]), label="events")
+        assert_that(out.dead_letters | beam.Map(lambda d: (d.source_offset, d.error_code, d.correlation_id,
+                                                           d.raw_bytes)),
+                    equal_to([(13, "PROCESSING_ERROR", "c13", b"{}"), (15, "EMPTY_RECORD", None, b"")]),
+                    label="dead letters")
+        assert_that(out.dead_letters | beam.Filter(lambda d: d.error_code == "PROCESSING_ERROR")
+                    | "Messages" >> beam.Map(lambda d: d.error_message),
+                    equal_to(["unexpected KeyError while decoding and validating: 'schema_cache'; "
+                              "the raw bytes are in this dead letter, re-publish it once the cause is fixed"]),
+                    label="message")
+    counters = {r.key.metric.name: r.committed
+                for r in p.result.metrics().query(MetricsFilter().with_namespace("DecodeAndValidate"))["counters"]}
+    assert counters["dead_letters_PROCESSING_ERROR"] == 1 and counters["dead_letters_EMPTY_RECORD"] == 1
+    assert counters["dead_letters"] == 2 and counters["valid_events"] == 2
+
+
+def test_poison_records_of_the_fuzzer_become_dead_letters_that_can_be_published():
+    # Text the dead letter copies from the record (correlation id, event_type) is
+    # escaped: a lone surrogate cannot be encoded in the Avro dead letter.
+    future = avro_record("question_answered", answer(2**62), offset=1)
+    nul = avro_record("question_answered", answer(BASE_MS, user="u\x00", correlation_id="c\x00"), offset=2)
+    surrogate_type = record(b'{"event_type": "\\ud800", "correlation_id": "\\udfff"}', offset=3)
+    bad_attempt = record(b"", offset=4, headers=[("dlq_attempt", b"twice")])
+    with TestPipeline() as p:
+        out = p | beam.Create([[future, nul, surrogate_type, bad_attempt]]) | DecodeAndValidate()
+        letters = out.dead_letters | beam.Map(
+            lambda d: (d.source_offset, d.error_code, d.correlation_id, d.event_type, d.attempt))
+        assert_that(letters, equal_to([(1, "FUTURE_TIMESTAMP", None, "question_answered", 0),
+                                       (2, "INVALID_STRING", "c\\x00", "question_answered", 0),
+                                       (3, "UNKNOWN_EVENT_TYPE", "\\udfff", "\\ud800", 0),
+                                       (4, "EMPTY_RECORD", None, None, 0)]), label="letters")
+        assert_that(out.dead_letters | beam.Map(publishable), equal_to([True] * 4), label="encodable")
+
+
+def publishable(dl) -> bool:
+    """What PublishDeadLettersFn does before producing: Avro-encode it, its correlation id as a header."""
+    encode_avro(default_registry().latest("dead_letter"), dl._asdict())
+    (dl.correlation_id or "").encode()
+    return True

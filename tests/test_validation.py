@@ -1,15 +1,17 @@
 """EventValidator: both wire formats, every dead-letter code, schema resolution."""
 import copy
+import io
 import json
 import os
 import shutil
 
+import fastavro
 import pytest
 
 from schemas import SchemaRegistry, default_registry
-from schemas.wire import encode_avro, frame
+from schemas.wire import encode_avro, frame, strip_logical_types
 from tests.helpers import BASE_MS, answer, avro_record, json_record, record
-from transforms.validation import ErrorCode, EventValidator, InvalidRecord
+from transforms.validation import ErrorCode, EventValidator, InvalidRecord, _iso
 
 
 @pytest.fixture
@@ -122,3 +124,97 @@ def test_old_writer_schema_resolves_to_new_reader(tmp_path):
     # and it was saved: a fresh load knows id 102
     assert SchemaRegistry.load(str(tmp_path / "schemas" / "registry.json")).by_id(102).version == 2
     assert json.loads((tmp_path / "schemas" / "avro" / "content_rated" / "v2.avsc").read_text()) == v2_raw
+
+
+# -- records that once stopped the job (issue 7, found by fuzzing) -------------------
+
+def test_occurred_at_past_year_9999_is_a_future_timestamp_not_a_crash(validator):
+    # Built as the fuzzer's records were: the registry's schema, written by fastavro.
+    entry = default_registry().latest("question_answered")
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(strip_logical_types(entry.raw)),
+                               answer(2**62))
+    err = code_of(validator, record(frame(entry.schema_id, body.getvalue())))
+    assert err.code == ErrorCode.FUTURE_TIMESTAMP
+    assert str(2**62) in err.message and "outside years 1-9999" in err.message
+
+
+@pytest.mark.parametrize("ms,text", [
+    (BASE_MS, "2026-01-01T00:00:00Z"),
+    (BASE_MS + 1, "2026-01-01T00:00:00.001000Z"),
+    (-1, "1969-12-31T23:59:59.999000Z"),
+    (253_402_300_799_999, "9999-12-31T23:59:59.999000Z"),  # the last millisecond datetime holds
+])
+def test_iso_formats_every_representable_time(ms, text):
+    assert _iso(ms) == text
+
+
+@pytest.mark.parametrize("ms", [253_402_300_800_000, 2**62, 2**63 - 1, -2**63, -62_135_596_800_001, 10**400],
+                         ids=["year 10000", "2**62", "long max", "long min", "before year 1", "10**400"])
+def test_iso_never_raises_outside_datetimes_range(ms):
+    assert _iso(ms) == f"{ms} ms since 1970 (outside years 1-9999)"
+
+
+NUL, SURROGATE = "\x00", "\ud800"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("user_id", f"u{NUL}1"),
+    ("concept_id", NUL),
+    ("correlation_id", f"corr{NUL}"),  # a ["null", "string"] union
+])
+def test_nul_in_any_avro_string_is_an_invalid_string(validator, field, value):
+    fields = answer(BASE_MS - 1, **{field: value})
+    err = code_of(validator, avro_record("question_answered", fields))
+    assert err.code == ErrorCode.INVALID_STRING
+    assert f"field '{field}'" in err.message and "'\\x00'" in err.message
+    assert NUL not in err.message
+    assert err.event_type == "question_answered"
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("user_id", f"u{NUL}", "'\\x00'"),
+    ("correlation_id", f"c{NUL}", "'\\x00'"),
+    ("question_id", f"q{SURROGATE}", "'\\ud800'"),  # JSON "\ud800": not encodable as UTF-8
+])
+def test_nul_or_lone_surrogate_in_a_json_string_is_an_invalid_string(validator, field, value, shown):
+    raw = json_record("question_answered", answer(BASE_MS - 1, **{field: value}))
+    assert b"\\u0000" in raw.value or b"\\ud800" in raw.value  # escaped on the wire, as clients send it
+    err = code_of(validator, raw)
+    assert err.code == ErrorCode.INVALID_STRING
+    assert f"field '{field}'" in err.message and shown in err.message
+
+
+def test_nul_in_a_map_key_value_or_nested_array_of_a_later_version():
+    # Today's event schemas are flat; a later version may add maps and arrays.
+    reg = SchemaRegistry.load(default_registry()._path)  # a private copy: register() only in memory
+    v1 = reg.latest("content_rated")
+    v2_raw = copy.deepcopy(v1.raw)
+    v2_raw["fields"] += [{"name": "tags", "type": {"type": "map", "values": "string"}, "default": {}},
+                         {"name": "notes", "type": ["null", {"type": "array", "items": "string"}],
+                          "default": None}]
+    v2 = reg.register("content_rated", v2_raw)
+    v = EventValidator(reg, clock=lambda: BASE_MS / 1000)
+    rated = {"event_id": "e", "occurred_at": BASE_MS, "user_id": "u", "correlation_id": None,
+             "content_id": "c", "rating": 4, "tags": {"level": "easy"}, "notes": ["fine"]}
+    assert v.validate(record(encode_avro(v2, rated))).fields["tags"] == {"level": "easy"}
+    for change, where in [({"tags": {f"le{NUL}vel": "easy"}}, "field 'tags' has the map key"),
+                          ({"tags": {"level": f"ea{NUL}sy"}}, "field 'tags.level'"),
+                          ({"notes": ["ok", f"fi{NUL}ne"]}, "field 'notes[1]'")]:
+        err = code_of(v, record(encode_avro(v2, dict(rated, **change))))
+        assert err.code == ErrorCode.INVALID_STRING and where in err.message, (change, err.message)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_doubles_are_wrong_type_in_both_formats(validator, bad):
+    # jsonb (raw_events.payload) has no NaN or Infinity; JSON input was already refused.
+    mastery = {"event_id": "e", "occurred_at": BASE_MS - 1, "user_id": "u", "correlation_id": None,
+               "concept_id": "c", "mastery_before": 0.5, "mastery_after": bad}
+    for rec in (avro_record("mastery_updated", mastery), json_record("mastery_updated", mastery)):
+        err = code_of(validator, rec)
+        assert err.code == ErrorCode.WRONG_TYPE and "mastery_after" in err.message
+
+
+def test_absurdly_nested_json_is_a_json_decode_error(validator):
+    value = b'{"event_type": "question_answered", "user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert code_of(validator, record(value)).code == ErrorCode.JSON_DECODE_ERROR

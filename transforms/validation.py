@@ -5,15 +5,18 @@ raises :class:`InvalidRecord` carrying an error code and a message a person can
 act on. Both wire formats are checked against the same schema: Avro decoding
 enforces types by construction, JSON is checked field by field; the range
 constraints (``minimum``/``maximum`` on a field of the .avsc) and the timestamp
-rules apply to both.
+rules apply to both. Every string must be storable as Postgres text/jsonb (no
+NUL, no lone surrogate) and, from Avro, every double finite, since the archive
+and the aggregates would otherwise fail on the record.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Optional
 
 import fastavro
@@ -37,6 +40,9 @@ class ErrorCode:
     OUT_OF_RANGE = "OUT_OF_RANGE"
     MISSING_TIMESTAMP = "MISSING_TIMESTAMP"
     FUTURE_TIMESTAMP = "FUTURE_TIMESTAMP"
+    INVALID_STRING = "INVALID_STRING"
+    # Not a property of the record: an unexpected exception while handling it (see decode.py).
+    PROCESSING_ERROR = "PROCESSING_ERROR"
 
 
 class InvalidRecord(Exception):
@@ -106,6 +112,7 @@ class EventValidator:
                 correlation_id=record.header("correlation_id"))
         correlation = fields.get("correlation_id") or record.header("correlation_id")
         try:
+            _check_storable(fields)
             self._check_semantics(subject, fields)
         except InvalidRecord as e:
             e.event_type, e.correlation_id = subject.event_type, correlation
@@ -172,7 +179,7 @@ class EventValidator:
         header = record.header("correlation_id")
         try:
             obj = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
             raise InvalidRecord(ErrorCode.JSON_DECODE_ERROR, f"not valid JSON: {e}",
                                 correlation_id=header) from None
         if not isinstance(obj, dict):
@@ -234,8 +241,66 @@ class EventValidator:
                 raise InvalidRecord(ErrorCode.OUT_OF_RANGE, f"field '{name}' is {v}, must be {bounds}")
 
 
+_EPOCH = datetime(1970, 1, 1)
+# Characters Postgres text and jsonb refuse: NUL, and UTF-16 surrogates (a JSON
+# "\ud800" escape decodes to one; they cannot be encoded as UTF-8 at all).
+UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
 def _iso(ms: int) -> str:
-    return datetime.utcfromtimestamp(ms / 1000).isoformat() + "Z"
+    """Epoch millis as ISO-8601 UTC for messages; never raises, whatever the int.
+
+    Integer arithmetic (no float) and a fallback beyond datetime's years 1-9999:
+    a corrupt record reaches here while its dead letter is written, and an
+    exception would stop the job on that record at every restart.
+    """
+    try:
+        return (_EPOCH + timedelta(milliseconds=ms)).isoformat() + "Z"
+    except (OverflowError, ValueError, TypeError):
+        return f"{ms} ms since 1970 (outside years 1-9999)"
+
+
+def _check_storable(fields: dict) -> None:
+    """Raises InvalidRecord unless every value can be archived as it is.
+
+    In: the decoded fields (any nesting of dicts, lists and scalars). Strings,
+    and map keys, must hold no NUL and no lone surrogate (INVALID_STRING); a
+    float must be finite (WRONG_TYPE, as JSON's own check says): jsonb has no
+    NaN. Walks values rather than the schema, so unions, maps, arrays and
+    records of a later schema version are covered without listing them.
+    """
+    for name, value in fields.items():
+        # Inlined fast path for the flat strings and ints of today's schemas: this
+        # runs for every valid event.
+        kind = type(value)
+        if kind is str:
+            if value.isascii() and "\x00" not in value:
+                continue
+        elif kind is int or kind is bool or value is None:
+            continue
+        _check_storable_value(name, value)
+
+
+def _check_storable_value(path: str, value: Any) -> None:
+    if isinstance(value, str):
+        bad = UNSTORABLE_TEXT.search(value)
+        if bad:
+            raise InvalidRecord(ErrorCode.INVALID_STRING,
+                                f"field '{path}' holds {bad.group()!r} at character {bad.start()}: "
+                                "NUL and lone surrogates cannot be stored; fix the producer's text")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRecord(ErrorCode.WRONG_TYPE, f"field '{path}' is {value!r}, expected a finite number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and UNSTORABLE_TEXT.search(key):
+                raise InvalidRecord(ErrorCode.INVALID_STRING,
+                                    f"field '{path}' has the map key {key!r}: NUL and lone surrogates "
+                                    "cannot be stored; fix the producer's text")
+            _check_storable_value(f"{path}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_storable_value(f"{path}[{i}]", item)
 
 
 def _json_timestamp(value: Any) -> Any:
