@@ -3,15 +3,30 @@
 Every option defaults to the environment variable of the deployment seed when
 it is set (KAFKA_BROKERS, REDIS_URL, ANALYTICS_GROUP_ID, BATCH_SIZE,
 WINDOW_SIZE_MS, POSTGRES_DSN), else to the local stack of scripts/stack.sh.
+
+:func:`check_options` checks them all before anything connects or builds: a
+number that is not one, or is zero or negative where that makes no sense, a
+malformed broker list, Redis URL or Postgres DSN, each stop the job with one
+``error:`` line naming the option (and the environment variable it came from)
+and exit code 2. Parsing never raises on its own: numbers are converted
+leniently and a value that does not convert is left as text for the check to
+name, since argparse would print its usage and Beam's parser could fail while
+merely being built.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
 import re
 import sys
+from typing import Any, NamedTuple, Optional
 
 import psycopg2
+import psycopg2.extensions
 import redis
+import redis.connection
 from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
 from confluent_kafka import Consumer, KafkaException
 
@@ -24,11 +39,28 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _lenient(kind: type):
+    """An argparse ``type`` that never raises: ``kind(text)``, or ``text`` itself
+    when it does not convert, for :func:`check_options` to name."""
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def default_window_sizes() -> str:
-    """1m, 5m, 1h, 1d; WINDOW_SIZE_MS, when set, replaces the finest size."""
+    """1m, 5m, 1h, 1d; WINDOW_SIZE_MS, when set, replaces the finest size.
+
+    Never raises: a WINDOW_SIZE_MS that is not a positive multiple of 1000 is
+    left out here and refused by :func:`check_options`, which can name it.
+    """
     sizes = [60, 300, 3600, 86400]
-    if os.environ.get("WINDOW_SIZE_MS"):
-        sizes[0] = max(1, int(os.environ["WINDOW_SIZE_MS"]) // 1000)
+    ms = _lenient(int)(os.environ.get("WINDOW_SIZE_MS") or "")
+    if isinstance(ms, int) and ms > 0 and ms % 1000 == 0:
+        sizes[0] = ms // 1000
     return ",".join(str(s) for s in sorted(set(sizes)))
 
 
@@ -48,17 +80,17 @@ class AnalyticsOptions(PipelineOptions):
         g.add_argument("--postgres_dsn",
                        default=_env("POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics"),
                        help="[POSTGRES_DSN]")
-        g.add_argument("--batch_size", type=int, default=int(_env("BATCH_SIZE", "2000")),
+        g.add_argument("--batch_size", type=_lenient(int), default=_env("BATCH_SIZE", "2000"),
                        help="most records per Kafka poll, the unit of work [BATCH_SIZE]")
         g.add_argument("--window_sizes", default=default_window_sizes(),
                        help="comma-separated window sizes in seconds [WINDOW_SIZE_MS replaces the first]")
-        g.add_argument("--allowed_lateness", type=int, default=3600,
+        g.add_argument("--allowed_lateness", type=_lenient(int), default=3600,
                        help="seconds after a window closes in which late events still update it")
-        g.add_argument("--early_firing", type=int, default=5,
+        g.add_argument("--early_firing", type=_lenient(int), default=5,
                        help="seconds between early (speculative) panes of an open window")
-        g.add_argument("--max_out_of_orderness", type=float, default=5.0,
+        g.add_argument("--max_out_of_orderness", type=_lenient(float), default=5.0,
                        help="seconds the watermark trails the newest record time")
-        g.add_argument("--max_future", type=int, default=300,
+        g.add_argument("--max_future", type=_lenient(int), default=300,
                        help="seconds an event time may be ahead of the clock before it is a dead letter")
         g.add_argument("--sinks", default="redis,postgres,kafka",
                        help="which aggregate sinks to write: any of redis,postgres,kafka")
@@ -100,13 +132,193 @@ def use_local_runner(options: PipelineOptions, streaming: bool) -> None:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """``url`` (or a key=value DSN) without its password, for messages."""
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
 
 
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class _Number(NamedTuple):
+    """What a numeric option must be."""
+    kind: type                 # int or float
+    low: float                 # the smallest sensible value...
+    low_allowed: bool          # ...and whether it is itself allowed
+    high: Optional[float]      # the largest, if there is one
+    give: str                  # what to give instead, for the message
+
+
+# Every numeric option, of whichever PipelineOptions class (a class not imported
+# in this process, such as ReplayOptions in the streaming job, is skipped).
+NUMERIC_OPTIONS = {
+    # confluent_kafka's consume() refuses more than 1M messages at once.
+    "batch_size": _Number(int, 1, True, 1_000_000, "a whole number of records per Kafka poll from 1 "
+                                                   "to 1000000, e.g. 2000"),
+    "allowed_lateness": _Number(int, 0, True, None, "a whole number of seconds, 0 or more, e.g. 3600"),
+    # 0 would ask for early panes continuously.
+    "early_firing": _Number(int, 1, True, None, "a whole number of seconds, 1 or more, e.g. 5"),
+    "max_out_of_orderness": _Number(float, 0, True, None, "a number of seconds, 0 or more, e.g. 5"),
+    "max_future": _Number(int, 0, True, None, "a whole number of seconds, 0 or more, e.g. 300"),
+    "until_idle": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 10"),
+    "workers": _Number(int, 1, True, None, "a whole number of worker processes, 1 or more, e.g. 4"),
+    "progress_every": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 5"),
+    "sink_retries": _Number(int, 1, True, None, "a whole number of attempts, 1 or more, e.g. 3"),
+    "sink_probe_interval": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 2"),
+}
+# Where an option's default comes from when it is not on the command line.
+ENV_OF = {"brokers": "KAFKA_BROKERS", "group_id": "ANALYTICS_GROUP_ID", "redis_url": "REDIS_URL",
+          "postgres_dsn": "POSTGRES_DSN", "batch_size": "BATCH_SIZE", "prism_path": "PRISM_PATH"}
+_BROKER = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d+))?")
+_WINDOW_SIZES_GIVE = "comma-separated whole seconds above 0, e.g. 60,300,3600,86400"
+
+
+def check_options(options: PipelineOptions) -> None:
+    """Exits 2 with one ``error:`` line at the first option that cannot work.
+
+    In: the job's options (any view), before anything connects or builds. Out:
+    nothing; the options are left as they are. Checks every option argparse
+    knows (its own errors become one line), every number of
+    :data:`NUMERIC_OPTIONS`, the window sizes (and WINDOW_SIZE_MS), the broker
+    list, the Redis URL and the Postgres DSN. Reachability is check_services'.
+    """
+    values = _parse_every_option(options)
+
+    def name(option: str, value: Any) -> str:
+        """``--option 'value'``, or ``--option (from VAR='value')`` when the environment gave it."""
+        shown = redact(str(value)) if option in ("redis_url", "postgres_dsn") else str(value)
+        var = ENV_OF.get(option)
+        kind = NUMERIC_OPTIONS[option].kind if option in NUMERIC_OPTIONS else str
+        if var and os.environ.get(var) and value == _lenient(kind)(os.environ[var]):
+            return f"--{option} (from {var}={shown!r})"
+        return f"--{option} {shown!r}"
+
+    for option, rule in NUMERIC_OPTIONS.items():
+        if option in values and not (option == "until_idle" and values[option] is None):
+            problem = _number_problem(values[option], rule)
+            if problem:
+                fail(f"{name(option, values[option])}: {problem}; give {rule.give}")
+    if "window_sizes" in values:
+        # Equal to its default: not on the command line, so WINDOW_SIZE_MS (if set) is behind it.
+        given = values["window_sizes"] != default_window_sizes()
+        _check_window_sizes(values["window_sizes"], given)
+    for option, check in (("brokers", _brokers_problem), ("redis_url", _redis_url_problem),
+                          ("postgres_dsn", _postgres_dsn_problem)):
+        if option in values:
+            problem = check(str(values[option]))
+            if problem:
+                fail(f"{name(option, values[option])}: {problem}")
+    if "group_id" in values and not str(values["group_id"]).strip():
+        fail(f"--group_id {values['group_id']!r}: empty; give a Kafka consumer group name, "
+             "e.g. learning-analytics")
+
+
+def _parse_every_option(options: PipelineOptions) -> dict:
+    """Every option of every PipelineOptions class; argparse's error as one line.
+
+    argparse prints its usage and the error, then exits 2: the usage is
+    swallowed here and the error is said once, with what to give instead.
+    """
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            return options.get_all_options()
+    except SystemExit as e:
+        if not e.code:
+            raise  # --help
+        said = [line for line in usage.getvalue().splitlines() if "error: " in line]
+        message = said[-1].split("error: ", 1)[1] if said else "cannot be parsed"
+        m = re.match(r"argument ([^/:\s]+)(?:/\S+)?: (.*)", message)
+        option, problem = (m.group(1), m.group(2)) if m else ("options", message)
+        kind = re.search(r"invalid (int|float) value", problem)
+        give = {"int": "; give a whole number", "float": "; give a number"}.get(kind.group(1)) if kind else ""
+        fail(f"{option}: {problem}{give}")
+        raise  # fail() exits; this only tells a reader (and a type checker) that nothing returns
+
+
+def _number_problem(value: Any, rule: _Number) -> Optional[str]:
+    """What is wrong with ``value`` for ``rule``, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = rule.kind(str(value).strip())
+        except ValueError:
+            return "not a whole number" if rule.kind is int else "not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    if rule.kind is int and value != int(value):
+        return "not a whole number"
+    if value < rule.low:
+        return f"less than {rule.low:g}"
+    if value == rule.low and not rule.low_allowed:
+        return f"not above {rule.low:g}"
+    if rule.high is not None and value > rule.high:
+        return f"more than {rule.high:g}"
+    return None
+
+
+def _check_window_sizes(window_sizes: Any, given: bool) -> None:
+    """--window_sizes, or the WINDOW_SIZE_MS behind its default: exits 2 when unusable."""
+    raw_ms = os.environ.get("WINDOW_SIZE_MS")
+    if not given and raw_ms:
+        # default_window_sizes() left a bad WINDOW_SIZE_MS out; say so rather than run without it.
+        ms = _lenient(int)(raw_ms.strip())
+        problem = ("not a whole number of milliseconds" if not isinstance(ms, int)
+                   else "not above 0" if ms <= 0
+                   else "not a whole number of seconds (windows are whole seconds)" if ms % 1000
+                   else None)
+        if problem:
+            fail(f"--window_sizes (from WINDOW_SIZE_MS={raw_ms!r}): {problem}; give WINDOW_SIZE_MS as "
+                 "a multiple of 1000 above 0, e.g. 60000, or pass --window_sizes")
+    parts = [p.strip() for p in str(window_sizes).split(",")]
+    for part in parts:
+        problem = _number_problem(part, _Number(int, 1, True, None, ""))
+        if problem:
+            fail(f"--window_sizes {str(window_sizes)!r}: {part!r} is {problem}; give {_WINDOW_SIZES_GIVE}")
+
+
+def _brokers_problem(brokers: str) -> Optional[str]:
+    parts = [b.strip() for b in brokers.split(",") if b.strip()]
+    if not parts:
+        return "empty; give comma-separated host:port pairs, e.g. 127.0.0.1:9092"
+    for part in parts:
+        m = _BROKER.fullmatch(part)
+        if not m or (m.group(1) is not None and not 0 < int(m.group(1)) < 65536):
+            return f"{part!r} is not host:port; give comma-separated host:port pairs, e.g. 127.0.0.1:9092"
+    return None
+
+
+def _redis_url_problem(url: str) -> Optional[str]:
+    """redis-py's own parser decides, plus a database that must be a number."""
+    give = "give redis://host:port/db, rediss://host:port/db or unix:///path/to/redis.sock, " \
+           "e.g. redis://127.0.0.1:6379/0"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return f"no redis://, rediss:// or unix:// scheme; {give}"
+    try:
+        redis.connection.parse_url(url)
+    except ValueError as e:
+        return f"{redact(str(e))}; {give}"
+    path = re.sub(r"^rediss?://[^/?#]*", "", url).split("?")[0].strip("/")
+    if url.startswith("redis") and path and not path.isdigit():
+        return f"database {path!r} is not a number; {give}"
+    return None
+
+
+def _postgres_dsn_problem(dsn: str) -> Optional[str]:
+    """libpq's own parser (through psycopg2) decides, plus ports that must be numbers."""
+    give = ("give a URI such as postgresql://user:password@host:5432/dbname "
+            "or key=value pairs such as 'host=127.0.0.1 port=5432 dbname=analytics user=analytics'")
+    if not dsn.strip():
+        return f"empty; {give}"
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error as e:
+        return f"{redact(str(e).strip().splitlines()[0])}; {give}"
+    for port in str(parts.get("port", "5432")).split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"port {port!r} is not a number from 1 to 65535; {give}"
+    return None
 
 
 def check_services(opts: AnalyticsOptions, kafka: bool = True, redis_: bool = True,

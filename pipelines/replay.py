@@ -40,7 +40,7 @@ from apache_beam.runners.runner import PipelineState
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipelines.options import AnalyticsOptions, check_services, fail
+from pipelines.options import AnalyticsOptions, check_options, check_services, fail
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
 from transforms.dataset import WriteTrainingDataset, arrange_partitions
@@ -205,6 +205,7 @@ def manifest(result, rng: ResolvedRange, ropts: ReplayOptions, seconds: float) -
 
 def run(argv: Optional[list[str]] = None) -> int:
     options = PipelineOptions(argv)
+    check_options(options)
     opts, ropts = options.view_as(AnalyticsOptions), options.view_as(ReplayOptions)
     if not (ropts.output or ropts.aggregates or ropts.dead_letters):
         fail("choose an output: --output DIR, --aggregates and/or --dead_letters")

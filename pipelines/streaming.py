@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from pipelines.options import AnalyticsOptions, check_services, fail, use_local_runner
+from pipelines.options import AnalyticsOptions, check_options, check_services, fail, use_local_runner
 from transforms.aggregate import WindowedMetrics
 from transforms.decode import DecodeAndValidate
 from transforms.kafka_read import KafkaReadConfig, ReadEvents
@@ -91,6 +91,7 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
 
 def run(argv: Optional[list[str]] = None) -> int:
     options = PipelineOptions(argv)
+    check_options(options)
     opts = options.view_as(AnalyticsOptions)
     if not opts.topic_list():
         fail("--topics is empty")
