@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 # One Beam release for the whole project: the Python SDK, the Prism runner that
 # scripts/stack.sh builds, and any Java job server must all be this version.
-BEAM_VERSION = "2.75.0"
+BEAM_VERSION = "2.77.0"
 
 setup(
     name="learning-analytics-beam",
