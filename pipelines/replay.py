@@ -162,7 +162,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, rng: R
         panes = events | "WindowedMetrics" >> WindowedMetrics(
             opts.window_sizes_s(), early_firing_s=None, allowed_lateness_s=opts.allowed_lateness,
             expire_state=False)
-        for label, aggregates in panes.items():
+        for label, aggregates in panes.panes.items():
             if span is not None:  # a window cut by the range would overwrite a whole one with a part
                 aggregates = aggregates | f"WholeWindows{label}" >> beam.Filter(
                     lambda a, lo=span[0], hi=span[1]: lo <= a.window_start_ms and a.window_end_ms <= hi)

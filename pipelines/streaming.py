@@ -24,6 +24,8 @@ from pipelines.options import AnalyticsOptions, check_options, check_services, f
 from transforms.aggregate import WindowedMetrics
 from transforms.decode import DecodeAndValidate
 from transforms.kafka_read import KafkaReadConfig, ReadEvents
+from transforms.ledger import WindowLedger
+from transforms.resume import LedgerCompactor, ResumePoint, SkipPublishedDeadLetters, resume_point
 from transforms.sinks import AggregateSinks, WriteAggregates
 from transforms.sinks.kafka_sink import PublishDeadLetters
 from transforms.sinks.postgres_sink import ArchiveRawEvents
@@ -45,29 +47,44 @@ class StreamingOptions(PipelineOptions):
                                  "('committed' falls back to earliest)")
 
 
-def build(p: beam.Pipeline, opts: AnalyticsOptions) -> None:
+def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
+    sopts = opts.view_as(StreamingOptions)
+    return KafkaReadConfig(brokers=opts.brokers, group_id=opts.group_id, batch_size=opts.batch_size,
+                           max_out_of_orderness_s=opts.max_out_of_orderness,
+                           idle_timeout_s=sopts.until_idle, start_from=sopts.start_from)
+
+
+def resume(opts: AnalyticsOptions) -> ResumePoint:
+    """Offsets, window totals and decided records from where the group stopped."""
+    return resume_point(read_config(opts), opts.topic_list(), WindowLedger(opts.postgres_dsn, opts.group_id),
+                        opts.dlq_topic, min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
+
+
+def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     """Wires the transforms; shared by ``run`` and the tests."""
     until_idle = opts.view_as(StreamingOptions).until_idle
-    config = KafkaReadConfig(brokers=opts.brokers, group_id=opts.group_id, batch_size=opts.batch_size,
-                             max_out_of_orderness_s=opts.max_out_of_orderness,
-                             idle_timeout_s=until_idle,
-                             start_from=opts.view_as(StreamingOptions).start_from)
-    decoded = (p | "ReadEvents" >> ReadEvents(config, topics=opts.topic_list())
+    decoded = (p | "ReadEvents" >> ReadEvents(read_config(opts), partitions=point.partitions)
                | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
-    decoded.dead_letters | "PublishDeadLetters" >> PublishDeadLetters(opts.brokers, opts.dlq_topic)
     if opts.archive == "true":
         decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn)
-    panes = decoded.events | "WindowedMetrics" >> WindowedMetrics(
+    windowed = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
         allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
-        expire_state=until_idle is None)
+        expire_state=until_idle is None, ledger=WindowLedger(opts.postgres_dsn, opts.group_id),
+        seeds=point.seeds.partials, dead_lettered=point.dead_lettered)
+    # Each dead-letter stream gets its own producer step rather than a Flatten,
+    # so that both stay fused with the reader: its offsets are committed only
+    # once their bundle's dead letters are flushed.
+    for label, letters in (("", decoded.dead_letters), ("TooLate", windowed.too_late)):
+        (letters | f"SkipPublished{label}" >> SkipPublishedDeadLetters(point.dead_lettered)
+         | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic))
     sinks = opts.sink_set()
     targets = AggregateSinks(redis_url=opts.redis_url if "redis" in sinks else None,
                              postgres_dsn=opts.postgres_dsn if "postgres" in sinks else None,
                              kafka_brokers=opts.brokers if "kafka" in sinks else None,
                              kafka_topic=opts.aggregates_topic)
     if targets.any():
-        for label, aggregates in panes.items():
+        for label, aggregates in windowed.panes.items():
             aggregates | f"Write{label}" >> WriteAggregates(targets)
 
 
@@ -96,14 +113,22 @@ def run(argv: Optional[list[str]] = None) -> int:
     if not opts.topic_list():
         fail("--topics is empty")
     sinks = opts.sink_set()
-    check_services(opts, redis_="redis" in sinks,
-                   postgres="postgres" in sinks or opts.archive == "true")
+    check_services(opts, redis_="redis" in sinks, postgres=True)  # Postgres holds the window ledger
     use_local_runner(options, streaming=True)
 
+    point = resume(opts)
+    seeds = point.seeds
+    print(f"resuming {len(point.partitions)} partitions: {len(seeds.partials)} open windows from "
+          f"{seeds.rows_read} ledger rows in {seeds.seconds:.2f}s, {len(point.dead_lettered)} records "
+          "already dead-lettered", file=sys.stderr)
     p = beam.Pipeline(options=options)
-    build(p, opts)
+    build(p, opts, point)
     began = time.monotonic()
     result = p.run()
+    compactor = LedgerCompactor(read_config(opts), point.partitions,
+                                WindowLedger(opts.postgres_dsn, opts.group_id),
+                                min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
+    compactor.start()
 
     def stop(signum, _frame):
         LOG.warning("signal %d: cancelling the job", signum)
@@ -113,12 +138,14 @@ def run(argv: Optional[list[str]] = None) -> int:
     try:
         state = result.wait_until_finish()
     except KeyboardInterrupt:
+        compactor.stop()
         print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
         try:
             result.cancel()
         except Exception as e:  # already gone is fine when stopping
             LOG.info("cancel: %s", e)
         return 0
+    compactor.stop()
     print_summary(result, time.monotonic() - began)
     if state != PipelineState.DONE:
         print(f"error: job ended in state {state}", file=sys.stderr)

@@ -38,6 +38,25 @@ CREATE TABLE IF NOT EXISTS window_metrics_replay (LIKE window_metrics INCLUDING 
 
 CREATE INDEX IF NOT EXISTS window_metrics_recent ON window_metrics (window_seconds, family, window_start DESC);
 
+-- The window ledger: what the streaming job folded into each window, per
+-- partition and offset range, so that a restart rebuilds every open window's
+-- total from what the consumer group committed (transforms/ledger.py). A row is
+-- written before the offsets it covers are committed; rows above the committed
+-- offset are dropped at start-up (those records are read again).
+CREATE TABLE IF NOT EXISTS window_ledger (
+    group_id        text    NOT NULL,
+    topic           text    NOT NULL,
+    partition       integer NOT NULL,
+    from_offset     bigint  NOT NULL,  -- the first and one past the last offset folded
+    to_offset       bigint  NOT NULL,
+    window_seconds  integer NOT NULL,
+    window_start_ms bigint  NOT NULL,
+    partial         jsonb   NOT NULL,  -- {family: {entity: [counters]}}, see transforms/aggregate.py
+    horizon_ms      bigint  NOT NULL,  -- the lateness horizon (batch time) these events were read at
+    written_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (group_id, topic, partition, window_seconds, window_start_ms, from_offset)
+);
+
 -- Dead letters re-published by scripts/recover_dead_letters.py, one row per dead
 -- letter, keyed by where the dead letter itself sits on the dead-letter topic.
 -- A row is 'claimed' (committed) before the record is produced and 'published'

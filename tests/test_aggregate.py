@@ -156,11 +156,14 @@ def test_early_on_time_and_late_panes_accumulate(streaming_pipeline):
               .advance_watermark_to(t + 200)                      # window expired
               .add_elements([[event("question_answered", answer(BASE_MS + 5 * S, user="d"))]])
               .advance_processing_time(6)
-              .advance_watermark_to_infinity())                   # beyond lateness: dropped
+              .advance_watermark_to_infinity())                   # beyond lateness: TOO_LATE
     with streaming_pipeline() as p:
-        panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=60)
-                 )["1m"] | beam.Map(overall)
-        assert_that(panes, panes_are_early_on_time_late)
+        result = p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=60)
+        assert_that(result.panes["1m"] | beam.Map(overall), panes_are_early_on_time_late)
+        # The last event came 200 s after its window opened: past the 60 s window
+        # and 60 s of lateness; it is a dead letter, not a silent drop.
+        assert_that(result.too_late | beam.Map(lambda d: (d.error_code, d.source_offset)),
+                    equal_to([("TOO_LATE", 0)]), label="TooLate")
 
 
 def panes_are_early_on_time_late(panes):
@@ -183,7 +186,7 @@ def test_every_window_size_fires_on_its_own_boundaries(streaming_pipeline):
               .advance_watermark_to(t + 2 * 86400)
               .advance_watermark_to_infinity())
     with streaming_pipeline() as p:
-        by_size = p | stream | WindowedMetrics(allowed_lateness_s=0)
+        by_size = (p | stream | WindowedMetrics(allowed_lateness_s=0)).panes
         assert sorted(by_size) == ["1d", "1h", "1m", "5m"]
         # Early panes come as processing time advances; the final ones must be exact.
         panes = (tuple(by_size.values()) | beam.Flatten()
@@ -209,5 +212,35 @@ def test_early_panes_of_long_past_windows_are_skipped_when_catching_up(streaming
               .advance_watermark_to_infinity())
     with streaming_pipeline() as p:
         panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5,
-                                              catch_up_after_s=60))["1m"] | beam.Map(overall)
+                                              catch_up_after_s=60)).panes["1m"] | beam.Map(overall)
         assert_that(panes, equal_to([(60, 0, "ON_TIME", 2.0, 1.0)]))
+
+
+def test_windows_start_from_their_seeds(streaming_pipeline):
+    """A restarted job: window 0 was seeded with 5 answers by 5 users and gets
+    one more; window 1 was seeded and gets nothing new, yet is written again."""
+    t = BASE_MS / 1000
+    seed_events = [event("question_answered", answer(BASE_MS + i * S, user=f"s{i}")) for i in range(5)]
+    seed_events += [event("question_answered", answer(BASE_MS + 70 * S, user="s0"))]
+    seeds = {k: partial for k, (partial, _) in fold_events(seed_events, (60 * S,)).items()}
+    seeds = {(60, start): partial for (_, start), partial in seeds.items()}
+    stream = (TestStream()
+              .advance_watermark_to(t)
+              .add_elements([[event("question_answered", answer(BASE_MS + 30 * S, user="new"))]])
+              .advance_processing_time(6)
+              .advance_watermark_to(t + 200)
+              .advance_watermark_to_infinity())
+    with streaming_pipeline() as p:
+        panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=600,
+                                              seeds=seeds)).panes["1m"]
+        # The last pane of each window is what the sinks keep. (On Prism the new
+        # event's early pane may arrive after the on-time one: it is then LATE.)
+        assert_that(panes | beam.Map(lambda a: (a.pane_index, overall(a))), last_panes_are_seed_plus_new)
+
+
+def last_panes_are_seed_plus_new(panes):
+    final = {}
+    for index, (_, start, _, answers, users) in sorted(panes):
+        final[start] = (answers, users)
+    # Hand count: window 0 = 5 seeded + 1 new answer, 6 users; window 1 = 1 answer.
+    assert final == {0: (6.0, 6.0), 60000: (1.0, 1.0)}, panes

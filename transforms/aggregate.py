@@ -28,6 +28,7 @@ the sinks overwrite what an earlier pane wrote, never add to it.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
@@ -36,11 +37,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.records import Event
+from schemas import default_registry
+from schemas.wire import encode_avro
+from transforms.ledger import LedgerRow, WindowLedger, WindowPartials, write_rows
+from transforms.records import DeadLetter, Event
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
 OVERALL_ENTITY = "all"
@@ -222,33 +227,159 @@ def metric_rows(partial: Partial, only: Optional[Partial] = None) -> list[Metric
     return rows
 
 
+TOO_LATE = "TOO_LATE"
+# How much longer than the allowed lateness the runner keeps a window open.
+# RejectLateEvents decides lateness by the batch's horizon, which can trail
+# the runner's watermark by what the reader read since (a bundle's worth);
+# the runner must never be the one to drop an event, as it does so silently.
+RUNNER_LATENESS_MARGIN_S = 600
+
+
+def _iso(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+
+
+class RejectLateEventsFn(beam.DoFn):
+    """Input: lists of Events, each list timestamped at its batch's lateness
+    horizon (the reader's watermark when it read the batch, or the batch's
+    oldest record time if later). Main output: the lists without the events
+    that came too late. Tagged output ``too_late``: a TOO_LATE DeadLetter for
+    each of those.
+
+    An event is too late when its finest window ended ``allowed_lateness_s``
+    or more before the horizon: it is refused by every window size at once,
+    so that the sizes always hold the same events. The runner would drop such
+    an event silently; here it is counted and dead-lettered (it stays in the
+    raw-event archive). ``dead_lettered``: source coordinates already published
+    as dead letters by a run that died before committing them; they are refused
+    again so that a record is decided once.
+    """
+
+    def __init__(self, finest_s: int, allowed_lateness_s: int,
+                 dead_lettered: frozenset = frozenset()):
+        self.finest_ms = finest_s * 1000
+        self.lateness_ms = allowed_lateness_s * 1000
+        self.dead_lettered = dead_lettered
+        self.too_late = Metrics.counter("WindowedMetrics", "too_late_events")
+
+    def process(self, events: list[Event], ts=beam.DoFn.TimestampParam):
+        horizon = ts.micros // 1000
+        # The start of the oldest finest window that is still open: the first
+        # window boundary after horizon - lateness - finest.
+        oldest_allowed = -(-(horizon - self.lateness_ms - self.finest_ms + 1) // self.finest_ms) * self.finest_ms
+        if all(e.event_time_ms >= oldest_allowed for e in events) and not self.dead_lettered:
+            yield events
+            return
+        kept = []
+        for e in events:
+            if e.event_time_ms >= oldest_allowed and (e.topic, e.partition, e.offset) not in self.dead_lettered:
+                kept.append(e)
+            else:
+                self.too_late.inc()
+                yield TaggedOutput(TOO_LATE, self._dead_letter(e, horizon))
+        if kept:
+            yield kept
+
+    def _dead_letter(self, e: Event, horizon: int) -> DeadLetter:
+        closed = e.event_time_ms - e.event_time_ms % self.finest_ms + self.finest_ms
+        entry = default_registry().latest(e.event_type)
+        return DeadLetter(
+            source_topic=e.topic, source_partition=e.partition, source_offset=e.offset,
+            error_code=TOO_LATE,
+            error_message=(f"occurred_at {_iso(e.event_time_ms)} is too late: its window closed at "
+                           f"{_iso(closed)} and the allowed lateness ({self.lateness_ms // 1000}s) had "
+                           f"passed when it was read (watermark {_iso(horizon)}); it is in raw_events, "
+                           "and a replay or a larger --allowed_lateness counts it"),
+            raw_bytes=encode_avro(entry, e.fields), correlation_id=e.fields.get("correlation_id"),
+            event_type=e.event_type, failed_at=int(time.time() * 1000))
+
+
+class RejectLateEvents(beam.PTransform):
+    """Batches of Events -> (on-time batches, TOO_LATE DeadLetters); see RejectLateEventsFn."""
+
+    def __init__(self, finest_s: int, allowed_lateness_s: int, dead_lettered: frozenset = frozenset()):
+        super().__init__()
+        self.fn = RejectLateEventsFn(finest_s, allowed_lateness_s, dead_lettered)
+
+    def expand(self, event_batches):
+        out = event_batches | "Reject" >> beam.ParDo(self.fn).with_outputs(TOO_LATE, main="on_time")
+        return out.on_time, out[TOO_LATE]
+
+
 class FoldIntoWindows(beam.DoFn):
-    """Input: lists of Events. Output, tagged by window label (``1m``...): one
-    (label, Partial) per window that the bundle's events touch, timestamped
-    at the latest event time inside it.
+    """Input: lists of Events (one Kafka poll each), timestamped at the batch's
+    lateness horizon. Output, tagged by window label (``1m``...): one (label,
+    Partial) per window that the bundle's events touch, timestamped at the
+    latest event time inside it.
 
     Folding a whole bundle, not one batch, keeps the partials few: a runner
     that re-reads a window's partials at every firing pays per partial.
+
+    With a ``ledger``, the bundle is folded per partition and each partition's
+    partials are written to the window ledger (one transaction, at the end of
+    the bundle: before the reader commits the offsets, see transforms.ledger),
+    so that a restart can start every window from its total.
     """
 
-    def __init__(self, sizes_s: tuple[int, ...]):
+    def __init__(self, sizes_s: tuple[int, ...], ledger: Optional[WindowLedger] = None):
         self.sizes_ms = tuple(s * 1000 for s in sizes_s)
         self.labels = {s * 1000: window_label(s) for s in sizes_s}
+        self.ledger = ledger
         self.partials_emitted = Metrics.counter("WindowedMetrics", "partials_emitted")
+        self.ledger_rows = Metrics.counter("WindowedMetrics", "ledger_rows_written")
+
+    def setup(self):
+        self.conn = self.ledger.connect() if self.ledger else None
+
+    def teardown(self):
+        if self.conn is not None:
+            self.conn.close()
 
     def start_bundle(self):
-        self.partials: dict = {}
+        # (topic, partition) -> [partials by window, first offset, last offset, horizon ms]
+        self.by_partition: dict = {}
 
-    def process(self, events: list[Event]):
-        fold_events(events, self.sizes_ms, into=self.partials)
+    def process(self, events: list[Event], ts=beam.DoFn.TimestampParam):
+        if not events:
+            return
+        first = events[0]
+        slot = self.by_partition.get((first.topic, first.partition))
+        if slot is None:
+            slot = self.by_partition[(first.topic, first.partition)] = [{}, first.offset, first.offset, None]
+        fold_events(events, self.sizes_ms, into=slot[0])
+        slot[1] = min(slot[1], min(e.offset for e in events))
+        slot[2] = max(slot[2], max(e.offset for e in events))
+        horizon = ts.micros // 1000
+        slot[3] = horizon if slot[3] is None else max(slot[3], horizon)
 
     def finish_bundle(self):
-        for (size, _), (partial, latest) in self.partials.items():
+        if self.ledger is not None:
+            self._write_ledger()
+        merged: dict = {}
+        for partials, *_ in self.by_partition.values():
+            for key, (partial, latest) in partials.items():
+                into = merged.get(key)
+                if into is None:
+                    merged[key] = [partial, latest]
+                else:
+                    merge_into(into[0], partial)
+                    into[1] = max(into[1], latest)
+        for (size, _), (partial, latest) in merged.items():
             label = self.labels[size]
             self.partials_emitted.inc()
             yield TaggedOutput(label, WindowedValue((label, partial), latest / 1000.0,
                                                     [window.GlobalWindow()]))
-        self.partials = {}
+        self.by_partition = {}
+
+    def _write_ledger(self) -> None:
+        rows = [LedgerRow(topic, partition, lo, hi + 1, size // 1000, start, partial, horizon)
+                for (topic, partition), (partials, lo, hi, horizon) in self.by_partition.items()
+                for (size, start), (partial, _) in partials.items()]
+        # Before the partials are handed on, which may mutate them in a merge.
+        self.ledger_rows.inc(write_rows(self.conn, self.ledger.group_id, rows))
 
 
 class MergeWindowMetrics(beam.CombineFn):
@@ -313,6 +444,9 @@ class AccumulatePanes(beam.DoFn):
     this (by the wall clock) is merged but not emitted: the job is catching up
     on a backlog, the watermark will close that window shortly, and
     speculative values of the past are writes nobody reads. None emits all.
+
+    A restarted job's seeds (what an earlier run counted, transforms.ledger)
+    come in as one more pane per window, so the window goes on from its total.
 
     ``expire``: clear a window's state once its allowed lateness has passed
     (what a job that runs for days needs). A job that drains to the end
@@ -379,9 +513,16 @@ def _aggregate(key, timing: str, index: int, rows: list[MetricRow]) -> WindowAgg
     return WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, index, rows)
 
 
+class WindowedResult(NamedTuple):
+    panes: dict           # window label -> PCollection of WindowAggregate
+    too_late: PCollection  # of DeadLetter (TOO_LATE)
+
+
 class WindowedMetrics(beam.PTransform):
-    """Batches of Events -> {window label: PCollection of WindowAggregate}, one
-    element per emitted pane (see :class:`AccumulatePanes`).
+    """Batches of Events -> WindowedResult: {window label: PCollection of
+    WindowAggregate}, one element per emitted pane (see :class:`AccumulatePanes`),
+    and a TOO_LATE DeadLetter per event that came after its window's allowed
+    lateness (see :class:`RejectLateEventsFn`).
 
     One PCollection per window size rather than a Flatten: sinks applied to
     each fuse into that window's stage, so panes are never serialized again
@@ -392,21 +533,25 @@ class WindowedMetrics(beam.PTransform):
     fires early at most every max(early_firing_s, min(S / 60, 60)) seconds,
     because each early pane rewrites the entities it touched in the sinks.
     None: no early panes (a bounded job, whose watermark closes every
-    window). ``allowed_lateness_s``: how long after the watermark passes a
-    window late events still refire it; later ones are dropped by the runner
-    (they remain in the raw-event archive for replay).
+    window). ``allowed_lateness_s``: how long after a window closes late events
+    still refire it; later ones are dead letters (TOO_LATE).
+    ``ledger``, ``seeds``: the window ledger to write, and the totals an earlier
+    run left in it (transforms.ledger); ``dead_lettered``: see RejectLateEventsFn.
     ``catch_up_after_s``, ``expire_state``: see :class:`AccumulatePanes`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
                  early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
-                 catch_up_after_s: Optional[float] = None, expire_state: bool = True):
+                 catch_up_after_s: Optional[float] = None, expire_state: bool = True,
+                 ledger: Optional[WindowLedger] = None, seeds: Optional[WindowPartials] = None,
+                 dead_lettered: frozenset = frozenset()):
         super().__init__()
         self.expire_state = expire_state
         self.catch_up_after_s = catch_up_after_s
-        self.window_sizes_s = tuple(window_sizes_s)
+        self.window_sizes_s = tuple(sorted(window_sizes_s))
         self.early_firing_s = early_firing_s
         self.allowed_lateness_s = allowed_lateness_s
+        self.ledger, self.seeds, self.dead_lettered = ledger, seeds or {}, dead_lettered
 
     def early_delay_s(self, size_s: int) -> int:
         return int(max(self.early_firing_s, min(size_s // 60, 60)))
@@ -419,22 +564,41 @@ class WindowedMetrics(beam.PTransform):
         return trigger.AfterWatermark(early=trigger.AfterProcessingTime(self.early_delay_s(size_s)),
                                       late=trigger.AfterCount(1))
 
-    def expand(self, event_batches: PCollection) -> dict[str, PCollection]:
+    def _seeds(self, pipeline, size: int, label: str) -> PCollection:
+        """The seeds of one window size, as panes ((label, start ms, end ms), Partial).
+
+        Stamped inside their window: a timer set for an element holds the
+        watermark at the element's time, and Create's default is the minimum.
+        (A side input instead made Prism 2.77 fire some windows' timers
+        without the state their elements had written.)
+        """
+        keyed = [((label, start, start + size * 1000), partial)
+                 for (s, start), partial in sorted(self.seeds.items(), key=lambda kv: kv[0]) if s == size]
+        return (pipeline | f"Seeds{label}" >> beam.Create(keyed)
+                | f"StampSeeds{label}" >> beam.Map(lambda kv: TimestampedValue(kv, kv[0][1] / 1000.0)))
+
+    def expand(self, event_batches: PCollection) -> WindowedResult:
         labels = [window_label(s) for s in self.window_sizes_s]
-        partials = event_batches | "FoldIntoWindows" >> beam.ParDo(
-            FoldIntoWindows(self.window_sizes_s)).with_outputs(*labels)
+        on_time, too_late = event_batches | "RejectLateEvents" >> RejectLateEvents(
+            self.window_sizes_s[0], self.allowed_lateness_s, self.dead_lettered)
+        partials = on_time | "FoldIntoWindows" >> beam.ParDo(
+            FoldIntoWindows(self.window_sizes_s, self.ledger)).with_outputs(*labels)
+        lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
         for size, label in zip(self.window_sizes_s, labels):
-            panes[label] = (
+            seeds = self._seeds(event_batches.pipeline, size, label)
+            fired = (
                 partials[label]
                 | f"Window{label}" >> beam.WindowInto(
                     window.FixedWindows(size), trigger=self._trigger(size),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                    allowed_lateness=Duration(seconds=self.allowed_lateness_s))
+                    allowed_lateness=Duration(seconds=lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
                 | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow())
-                | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows())
+                | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows()))
+            panes[label] = (
+                (fired, seeds) | f"WithSeeds{label}" >> beam.Flatten()
                 | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
-                    self.allowed_lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
+                    lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
                     self.expire_state)))
-        return panes
+        return WindowedResult(panes, too_late)

@@ -118,11 +118,22 @@ class KafkaReadConfig:
 
 
 class PartitionSpec(NamedTuple):
-    """One partition to read, from ``start`` up to ``stop`` (exclusive; None = forever)."""
+    """One partition to read, from ``start`` up to ``stop`` (exclusive; None = forever).
+
+    ``since_ms``: when the committed ``start`` was read (the wall-clock time of
+    the commit's bundle, kept in the commit's metadata); a run that died after
+    it can only have published dead letters for this partition since then.
+    ``horizon_ms``: the watermark to start from (what an earlier run reached).
+    """
     topic: str
     partition: int
     start: int
     stop: Optional[int] = None
+    since_ms: Optional[int] = None
+    horizon_ms: Optional[int] = None
+    # The highest offset an earlier run already dead-lettered: until the
+    # commits pass it, they keep ``since_ms`` as the time to look back to.
+    dead_lettered_up_to: Optional[int] = None
 
 
 class UnknownTopicError(ValueError):
@@ -143,12 +154,19 @@ def topic_partitions(consumer: Consumer, topics: Iterable[str], timeout_s: float
 
 def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
                     timeout_s: float = 10.0) -> list[PartitionSpec]:
-    """Every partition of ``topics`` with its start offset resolved; raises on unknown topics."""
+    """Every partition of ``topics`` with its start offset resolved; raises on unknown topics.
+
+    With ``commit_offsets``, a partition whose start is not the group's
+    committed offset (none yet, ``--start_from``, or retention) gets it
+    committed now: a restart then resumes where this run began, and the
+    commit's time bounds what it looks back at (see PartitionSpec.since_ms).
+    """
     consumer = config.consumer()
     try:
         tps = topic_partitions(consumer, topics, timeout_s)
-        committed = consumer.committed(tps, timeout=timeout_s) if config.start_from == "committed" else tps
-        specs = []
+        committed = consumer.committed(tps, timeout=timeout_s)
+        now_ms = int(time.time() * 1000)
+        specs, to_commit = [], []
         for tp, c in zip(tps, committed):
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
             if config.start_from == "latest":
@@ -157,10 +175,23 @@ def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
                 start = max(c.offset, low)
             else:
                 start = low
-            specs.append(PartitionSpec(tp.topic, tp.partition, start))
+            since = _since_ms(c.metadata) if start == c.offset else None
+            if since is None:
+                since = now_ms
+                to_commit.append(TopicPartition(tp.topic, tp.partition, start, metadata=str(now_ms)))
+            specs.append(PartitionSpec(tp.topic, tp.partition, start, since_ms=since))
+        if to_commit and config.commit_offsets:
+            consumer.commit(offsets=to_commit, asynchronous=False)
         return specs
     finally:
         consumer.close()
+
+
+def _since_ms(metadata: Optional[str]) -> Optional[int]:
+    try:
+        return int(metadata) if metadata else None
+    except ValueError:
+        return None  # committed by another tool
 
 
 class _PartitionRestrictions(RestrictionProvider):
@@ -197,7 +228,9 @@ class _CheckpointOnlyTracker(OffsetRestrictionTracker):
 
 class _RecordTimeWatermark(WatermarkEstimatorProvider):
     def initial_estimator_state(self, spec, restriction):
-        return None
+        # A restarted job resumes from the watermark its ledger reached, so that
+        # what was too late before the restart is too late after it.
+        return None if spec.horizon_ms is None else Timestamp(micros=spec.horizon_ms * 1000)
 
     def create_watermark_estimator(self, state) -> ManualWatermarkEstimator:
         return ManualWatermarkEstimator(state)
@@ -214,15 +247,32 @@ class _PartitionReader:
         self.last_record_at = time.monotonic()
         self.last_idle_poll_at = -math.inf
         self.last_progress_at = time.monotonic()
+        self.trouble = None  # the error of an ongoing broker outage, logged once
 
     def seek(self, offset: int) -> None:
         if offset != self.position:
             self.consumer.assign([TopicPartition(self.topic, self.partition, offset)])
             self.position = offset
 
-    def end_offset(self) -> int:
-        return self.consumer.get_watermark_offsets(
-            TopicPartition(self.topic, self.partition), timeout=5, cached=False)[1]
+    def end_offset(self) -> Optional[int]:
+        """The partition's end of log; None while the broker does not answer
+        (a restart or an outage: the caller waits and asks again)."""
+        try:
+            high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, self.partition), timeout=5, cached=False)[1]
+        except KafkaException as e:
+            self.broker_trouble(e)
+            return None
+        if self.trouble is not None:
+            LOG.warning("Kafka %s[%d]: the broker answers again", self.topic, self.partition)
+            self.trouble = None
+        return high
+
+    def broker_trouble(self, error) -> None:
+        """Logs the first error of an outage once; the reader keeps waiting."""
+        if self.trouble is None:
+            LOG.warning("Kafka %s[%d]: %s; waiting for the broker", self.topic, self.partition, error)
+        self.trouble = error
 
     def caught_up(self) -> bool:
         """Whether the last fetch response's end of log is read (no broker call)."""
@@ -279,7 +329,7 @@ class ReadPartitionFn(beam.DoFn):
         try:
             yield from self._read(reader, tracker, restriction, watermark, call)
         finally:
-            self._finalize_later(finalizer, reader, call)
+            self._finalize_later(finalizer, reader, call, spec)
             self._report_watermark(watermark)
 
     def _read(self, reader, tracker, restriction, watermark, call: "_CallOutcome"):
@@ -294,8 +344,9 @@ class ReadPartitionFn(beam.DoFn):
         while time.monotonic() < deadline:
             records = self._poll(reader, restriction.stop, wait=bounded or not reader.caught_up())
             if not records:
-                if bounded and reader.end_offset() > reader.position:
-                    continue  # a slow fetch: the range's records are there, wait for them
+                end = reader.end_offset() if bounded else None
+                if bounded and (end is None or end > reader.position):
+                    continue  # a slow fetch (or a broker away): the range's records are there
                 self._on_empty_poll(reader, tracker, restriction, call)
                 return
             records = self._claim(tracker, records)
@@ -339,9 +390,11 @@ class ReadPartitionFn(beam.DoFn):
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                if err.fatal() or not err.retriable():
+                if err.fatal():
                     raise KafkaException(err)
-                LOG.warning("Kafka %s[%d]: %s (retrying)", reader.topic, reader.partition, err)
+                # A broker restarting or away (transport errors, unknown
+                # partition while its leader is elected): wait, never fail.
+                reader.broker_trouble(err)
                 continue
             if m.offset() >= stop:
                 break
@@ -365,8 +418,9 @@ class ReadPartitionFn(beam.DoFn):
         self.polls_empty.inc()
         # An empty poll may only mean the fetch is slow: only a reader at the
         # end of the log is idle.
-        if reader.end_offset() > reader.position:
-            tracker.defer_remainder()
+        end = reader.end_offset()
+        if end is None or end > reader.position:
+            tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
             return
         idle_for = time.monotonic() - reader.last_record_at
         if restriction.stop != UNBOUNDED or (self.config.idle_timeout_s is not None
@@ -387,9 +441,14 @@ class ReadPartitionFn(beam.DoFn):
         if shared is not None and (current is None or shared > current):
             watermark.set_watermark(shared)
 
-    def _finalize_later(self, finalizer, reader: _PartitionReader, call: "_CallOutcome") -> None:
+    def _finalize_later(self, finalizer, reader: _PartitionReader, call: "_CallOutcome",
+                        spec: PartitionSpec) -> None:
         """Once the runner has committed this bundle's output: commit the offsets
         to the consumer group and publish the partition's new watermark.
+
+        The commit's metadata is the time this call began reading: the records
+        from the committed offset on are read by later calls, so a restart
+        finds any dead letter they got published after that time.
 
         Registered on every bundle, even with nothing to do: Prism asks every
         bundle of this stage to finalize, and the SDK only keeps a bundle
@@ -397,7 +456,12 @@ class ReadPartitionFn(beam.DoFn):
         """
         consumer, key = reader.consumer, (reader.topic, reader.partition)
         commit = self.config.commit_offsets and call.next_offset is not None
-        offsets = [TopicPartition(reader.topic, reader.partition, call.next_offset)] if commit else None
+        since = call.started_ms
+        if spec.dead_lettered_up_to is not None and spec.since_ms is not None \
+                and (call.next_offset or 0) <= spec.dead_lettered_up_to:
+            since = min(since, spec.since_ms)
+        offsets = [TopicPartition(reader.topic, reader.partition, call.next_offset,
+                                  metadata=str(since))] if commit else None
         read_id, partitions, to = self.read_id, self.partitions, call.watermark
 
         def finalize():
@@ -410,9 +474,10 @@ class ReadPartitionFn(beam.DoFn):
 
 
 class _CallOutcome:
-    """What one process call read: the next offset and the partition's watermark."""
+    """What one process call read: when it began, the next offset and the partition's watermark."""
 
     def __init__(self):
+        self.started_ms = int(time.time() * 1000)
         self.next_offset: Optional[int] = None
         self.watermark: Optional[Timestamp] = None
 

@@ -6,6 +6,7 @@ Redis database, so tests neither see nor disturb each other or a demo.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,11 +78,14 @@ def services():
         pytest.fail(f"the local stack is not up ({problem}); run scripts/stack.sh up", pytrace=False)
 
 
-_redis_db = iter(range(1, 16))
+# Redis has 16 databases; 0 is the demo's. A test's database is flushed and
+# handed back when it ends.
+_free_redis_dbs = list(range(1, 16))
 
 
-@pytest.fixture(scope="module")
-def stack(services):
+@contextlib.contextmanager
+def isolated_stack():
+    """Own topics, Postgres schema and Redis database, removed afterwards."""
     suffix = uuid.uuid4().hex[:10]
     topics = {k: f"{name}.{suffix}" for k, (name, _) in TOPICS.items()}
     admin = AdminClient({"bootstrap.servers": BROKERS})
@@ -91,12 +95,28 @@ def stack(services):
     schema = f"it_{suffix}"
     with psycopg2.connect(PG_BASE) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE SCHEMA {schema}")
-    db = next(_redis_db)
+    db = _free_redis_dbs.pop(0)
     redis_url = f"{REDIS_BASE}/{db}"
     redis.Redis.from_url(redis_url).flushdb()
     time.sleep(1)  # let topic metadata settle before producers and consumers use it
-    yield Stack(suffix, topics, f"{PG_BASE}?options=-csearch_path%3D{schema}", redis_url, f"it-{suffix}")
-    admin.delete_topics(list(topics.values()))
-    with psycopg2.connect(PG_BASE) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP SCHEMA {schema} CASCADE")
-    redis.Redis.from_url(redis_url).flushdb()
+    try:
+        yield Stack(suffix, topics, f"{PG_BASE}?options=-csearch_path%3D{schema}", redis_url, f"it-{suffix}")
+    finally:
+        admin.delete_topics(list(topics.values()))
+        with psycopg2.connect(PG_BASE) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP SCHEMA {schema} CASCADE")
+        redis.Redis.from_url(redis_url).flushdb()
+        _free_redis_dbs.append(db)
+
+
+@pytest.fixture(scope="module")
+def stack(services):
+    with isolated_stack() as s:
+        yield s
+
+
+@pytest.fixture
+def fresh_stack(services):
+    """A stack of its own for one test (restart and kill trials)."""
+    with isolated_stack() as s:
+        yield s

@@ -80,7 +80,9 @@ def test_offsets_are_committed_so_a_restart_reads_nothing_again(stack, produced,
     assert proc.returncode == 0
     assert "ReadEvents.records_read" not in proc.stdout or " 0" in proc.stdout.split(
         "ReadEvents.records_read")[1].splitlines()[0]
-    assert postgres_metrics(stack.dsn) == before
+    # The restart writes its seeded windows again: the same totals (summed in
+    # another order, so a float may differ in its last digit).
+    assert_metrics_match(before, postgres_metrics(stack.dsn))
 
 
 def test_replaying_the_same_stream_from_the_start_changes_nothing(stack, produced, first_run):
