@@ -244,3 +244,20 @@ def last_panes_are_seed_plus_new(panes):
         final[start] = (answers, users)
     # Hand count: window 0 = 5 seeded + 1 new answer, 6 users; window 1 = 1 answer.
     assert final == {0: (6.0, 6.0), 60000: (1.0, 1.0)}, panes
+
+
+def test_panes_and_seeds_reach_accumulate_panes_with_one_deterministic_key_coder():
+    """The state of AccumulatePanes is keyed by the key's bytes: if seeds and
+    fired panes were encoded by different coders, one window would get two
+    totals, and the last one written would win (seen on Prism 2.77)."""
+    p = TestPipeline()
+    (p | beam.Create([[]]) | WindowedMetrics(window_sizes_s=(60,), seeds={(60, BASE_MS): {"user": {"u": [1, 1, 1, 1]}}}))
+    components = p.to_runner_api().components
+    flatten = next(t for t in components.transforms.values() if t.unique_name.endswith("WithSeeds1m"))
+    coders = {components.pcollections[pc].coder_id for pc in flatten.inputs.values()}
+    assert len(coders) == 1, coders
+    kv = components.coders[coders.pop()]
+    key = components.coders[kv.component_coder_ids[0]]
+    assert key.spec.urn == "beam:coder:tuple:v1"
+    assert [components.coders[c].spec.urn for c in key.component_coder_ids] == [
+        "beam:coder:string_utf8:v1", "beam:coder:varint:v1", "beam:coder:varint:v1"]

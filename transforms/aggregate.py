@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
+from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection, TaggedOutput
@@ -402,6 +403,13 @@ class MergeWindowMetrics(beam.CombineFn):
         return accumulator
 
 
+# A pane keyed by its window: ((label, start ms, end ms), Partial). Declared, so
+# that every producer of AccumulatePanes' input encodes the key alike: the
+# key's bytes are the state's key (a pickled key from one input and a tuple
+# coder's from another made two totals of one window, one overwriting the other).
+WindowKeyedPartial = typehints.KV[typehints.Tuple[str, int, int], typehints.Dict[str, typehints.Any]]
+
+
 class KeyByWindow(beam.DoFn):
     """Input: (label, Partial) of one fired pane. Output: ((label, window start
     ms, window end ms), Partial), so the pane can leave its window."""
@@ -575,7 +583,8 @@ class WindowedMetrics(beam.PTransform):
         keyed = [((label, start, start + size * 1000), partial)
                  for (s, start), partial in sorted(self.seeds.items(), key=lambda kv: kv[0]) if s == size]
         return (pipeline | f"Seeds{label}" >> beam.Create(keyed)
-                | f"StampSeeds{label}" >> beam.Map(lambda kv: TimestampedValue(kv, kv[0][1] / 1000.0)))
+                | f"StampSeeds{label}" >> beam.Map(lambda kv: TimestampedValue(kv, kv[0][1] / 1000.0)
+                                                   ).with_output_types(WindowKeyedPartial))
 
     def expand(self, event_batches: PCollection) -> WindowedResult:
         labels = [window_label(s) for s in self.window_sizes_s]
@@ -594,7 +603,7 @@ class WindowedMetrics(beam.PTransform):
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=Duration(seconds=lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
-                | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow())
+                | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow()).with_output_types(WindowKeyedPartial)
                 | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows()))
             panes[label] = (
                 (fired, seeds) | f"WithSeeds{label}" >> beam.Flatten()
