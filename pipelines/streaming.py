@@ -71,7 +71,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
         allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
         expire_state=until_idle is None, ledger=WindowLedger(opts.postgres_dsn, opts.group_id),
-        seeds=point.seeds.partials, dead_lettered=point.dead_lettered)
+        seeds=point.read_seeds(), dead_lettered=point.dead_lettered)
     # Each dead-letter stream gets its own producer step rather than a Flatten,
     # so that both stay fused with the reader: its offsets are committed only
     # once their bundle's dead letters are flushed.
@@ -118,8 +118,8 @@ def run(argv: Optional[list[str]] = None) -> int:
 
     point = resume(opts)
     seeds = point.seeds
-    print(f"resuming {len(point.partitions)} partitions: {len(seeds.partials)} open windows from "
-          f"{seeds.rows_read} ledger rows in {seeds.seconds:.2f}s, {len(point.dead_lettered)} records "
+    print(f"resuming {len(point.partitions)} partitions: {seeds.windows} open windows to seed from "
+          f"{seeds.rows} ledger rows (ready in {seeds.seconds:.2f}s), {len(point.dead_lettered)} records "
           "already dead-lettered", file=sys.stderr)
     p = beam.Pipeline(options=options)
     build(p, opts, point)

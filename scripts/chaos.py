@@ -42,6 +42,7 @@ from typing import Optional
 from confluent_kafka import Consumer, TopicPartition
 
 from scripts.produce import TrafficConfig, generate, produce
+from tests.integration import conftest
 from tests.integration.conftest import BROKERS, REPO, isolated_stack
 from tests.integration.expected import expected_metrics
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics, topic_records
@@ -262,6 +263,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --kinds must be some of {','.join(KINDS)}; --trials, --events, --rate positive",
               file=sys.stderr)
         return 2
+    # Redis databases of their own, apart from the test suite's (1 and up) and
+    # the benchmark's (14): a test run beside the trials must not flush them.
+    conftest._free_redis_dbs[:] = [12, 13]
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     print(f"chaos: {args.trials} trials of {kinds}, {args.events} events at {args.rate:.0f}/s, seed {seed}")

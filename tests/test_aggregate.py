@@ -232,7 +232,7 @@ def test_windows_start_from_their_seeds(streaming_pipeline):
               .advance_watermark_to_infinity())
     with streaming_pipeline() as p:
         panes = (p | stream | WindowedMetrics(window_sizes_s=(60,), early_firing_s=5, allowed_lateness_s=600,
-                                              seeds=seeds)).panes["1m"]
+                                              seeds=beam.Create(sorted(seeds.items())))).panes["1m"]
         # The last pane of each window is what the sinks keep. (On Prism the new
         # event's early pane may arrive after the on-time one: it is then LATE.)
         assert_that(panes | beam.Map(lambda a: (a.pane_index, overall(a))), last_panes_are_seed_plus_new)
@@ -251,7 +251,8 @@ def test_panes_and_seeds_reach_accumulate_panes_with_one_deterministic_key_coder
     fired panes were encoded by different coders, one window would get two
     totals, and the last one written would win (seen on Prism 2.77)."""
     p = TestPipeline()
-    (p | beam.Create([[]]) | WindowedMetrics(window_sizes_s=(60,), seeds={(60, BASE_MS): {"user": {"u": [1, 1, 1, 1]}}}))
+    (p | beam.Create([[]]) | WindowedMetrics(
+        window_sizes_s=(60,), seeds=beam.Create([((60, BASE_MS), {"user": {"u": [1, 1, 1, 1]}})])))
     components = p.to_runner_api().components
     flatten = next(t for t in components.transforms.values() if t.unique_name.endswith("WithSeeds1m"))
     coders = {components.pcollections[pc].coder_id for pc in flatten.inputs.values()}

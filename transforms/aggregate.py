@@ -45,7 +45,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import default_registry
 from schemas.wire import encode_avro
-from transforms.ledger import LedgerRow, WindowLedger, WindowPartials, write_rows
+from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
@@ -521,6 +521,14 @@ def _aggregate(key, timing: str, index: int, rows: list[MetricRow]) -> WindowAgg
     return WindowAggregate((end_ms - start_ms) // 1000, start_ms, end_ms, timing, index, rows)
 
 
+def _seed_pane(seed, size: int, label: str):
+    """((window seconds, start ms), Partial) -> the pane ((label, start ms, end ms), Partial)
+    stamped at the window's start, if the seed is of window size ``size``."""
+    (seconds, start), partial = seed
+    if seconds == size:
+        yield TimestampedValue(((label, start, start + size * 1000), partial), start / 1000.0)
+
+
 class WindowedResult(NamedTuple):
     panes: dict           # window label -> PCollection of WindowAggregate
     too_late: PCollection  # of DeadLetter (TOO_LATE)
@@ -543,15 +551,18 @@ class WindowedMetrics(beam.PTransform):
     None: no early panes (a bounded job, whose watermark closes every
     window). ``allowed_lateness_s``: how long after a window closes late events
     still refire it; later ones are dead letters (TOO_LATE).
-    ``ledger``, ``seeds``: the window ledger to write, and the totals an earlier
-    run left in it (transforms.ledger); ``dead_lettered``: see RejectLateEventsFn.
+    ``ledger``: the window ledger to write (transforms.ledger); ``seeds``: a
+    PTransform (from the pipeline's start) of ((window seconds, window start
+    ms), Partial): the totals an earlier run left in the ledger
+    (transforms.resume.ReadWindowSeeds), or a beam.Create in tests;
+    ``dead_lettered``: see RejectLateEventsFn.
     ``catch_up_after_s``, ``expire_state``: see :class:`AccumulatePanes`.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
                  early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
                  catch_up_after_s: Optional[float] = None, expire_state: bool = True,
-                 ledger: Optional[WindowLedger] = None, seeds: Optional[WindowPartials] = None,
+                 ledger: Optional[WindowLedger] = None, seeds: Optional[beam.PTransform] = None,
                  dead_lettered: frozenset = frozenset()):
         super().__init__()
         self.expire_state = expire_state
@@ -559,7 +570,7 @@ class WindowedMetrics(beam.PTransform):
         self.window_sizes_s = tuple(sorted(window_sizes_s))
         self.early_firing_s = early_firing_s
         self.allowed_lateness_s = allowed_lateness_s
-        self.ledger, self.seeds, self.dead_lettered = ledger, seeds or {}, dead_lettered
+        self.ledger, self.seeds, self.dead_lettered = ledger, seeds, dead_lettered
 
     def early_delay_s(self, size_s: int) -> int:
         return int(max(self.early_firing_s, min(size_s // 60, 60)))
@@ -572,19 +583,18 @@ class WindowedMetrics(beam.PTransform):
         return trigger.AfterWatermark(early=trigger.AfterProcessingTime(self.early_delay_s(size_s)),
                                       late=trigger.AfterCount(1))
 
-    def _seeds(self, pipeline, size: int, label: str) -> PCollection:
-        """The seeds of one window size, as panes ((label, start ms, end ms), Partial).
+    def _seed_panes(self, pipeline) -> dict:
+        """The seeds as panes, per window label: ((label, start ms, end ms), Partial).
 
         Stamped inside their window: a timer set for an element holds the
         watermark at the element's time, and Create's default is the minimum.
         (A side input instead made Prism 2.77 fire some windows' timers
         without the state their elements had written.)
         """
-        keyed = [((label, start, start + size * 1000), partial)
-                 for (s, start), partial in sorted(self.seeds.items(), key=lambda kv: kv[0]) if s == size]
-        return (pipeline | f"Seeds{label}" >> beam.Create(keyed)
-                | f"StampSeeds{label}" >> beam.Map(lambda kv: TimestampedValue(kv, kv[0][1] / 1000.0)
-                                                   ).with_output_types(WindowKeyedPartial))
+        seeds = pipeline | "Seeds" >> (self.seeds if self.seeds is not None else beam.Create([]))
+        return {window_label(size): seeds | f"SeedPanes{window_label(size)}" >> beam.FlatMap(
+                    _seed_pane, size, window_label(size)).with_output_types(WindowKeyedPartial)
+                for size in self.window_sizes_s}
 
     def expand(self, event_batches: PCollection) -> WindowedResult:
         labels = [window_label(s) for s in self.window_sizes_s]
@@ -594,8 +604,9 @@ class WindowedMetrics(beam.PTransform):
             FoldIntoWindows(self.window_sizes_s, self.ledger)).with_outputs(*labels)
         lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
+        seed_panes = self._seed_panes(event_batches.pipeline)
         for size, label in zip(self.window_sizes_s, labels):
-            seeds = self._seeds(event_batches.pipeline, size, label)
+            seeds = seed_panes[label]
             fired = (
                 partials[label]
                 | f"Window{label}" >> beam.WindowInto(

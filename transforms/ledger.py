@@ -36,7 +36,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import psycopg2
 from psycopg2.extras import execute_values
@@ -77,10 +77,11 @@ class LedgerRow(NamedTuple):
 
 
 class Seeds(NamedTuple):
-    """What a restart starts from: each open window's total, and the lateness horizon reached."""
-    partials: WindowPartials
+    """What a restart starts from: how many windows the ledger seeds, from how
+    many rows, the lateness horizon reached, and the seconds it took to get there."""
+    windows: int
     horizon_ms: Optional[int]
-    rows_read: int
+    rows: int
     seconds: float
 
 
@@ -114,13 +115,14 @@ def _committed_table(cur, committed: Committed) -> None:
 
 
 def compact(ledger: WindowLedger, committed: Committed, finest_s: int, lateness_ms: int,
-            conn=None) -> tuple[int, int]:
+            conn=None, keep_below: Optional[Committed] = None) -> tuple[int, int]:
     """Merges each (partition, window)'s rows below the committed offset into one
     row, and deletes windows that no event can reach any more (see
     :func:`expired_before`). Returns (rows merged away, rows expired).
 
     Only rows wholly below the committed offset are touched: rows above it may
-    still be dropped by a restart.
+    still be dropped by a restart. ``keep_below``: the offsets a running job
+    started from; rows below them (its seeds) are never merged with newer ones.
     """
     from transforms.aggregate import merge_into  # here: transforms.aggregate imports this module
     own = conn is None
@@ -140,9 +142,10 @@ def compact(ledger: WindowLedger, committed: Committed, finest_s: int, lateness_
                         (ledger.group_id, ledger.group_id))
             groups: dict = defaultdict(list)
             for topic, partition, size, start, lo, hi, partial, horizon in cur:
-                groups[(topic, partition, size, start)].append((lo, hi, partial, horizon))
+                seed = keep_below is not None and hi <= keep_below.get((topic, partition), -1)
+                groups[(topic, partition, size, start, seed)].append((lo, hi, partial, horizon))
             merged_away = 0
-            for (topic, partition, size, start), parts in groups.items():
+            for (topic, partition, size, start, _), parts in groups.items():
                 if len(parts) < 2:
                     continue
                 total: dict = {}
@@ -191,15 +194,16 @@ def _try_lock(cur) -> bool:
     return cur.fetchone()[0]
 
 
-def load_seeds(ledger: WindowLedger, committed: Committed, finest_s: int, lateness_ms: int) -> Seeds:
-    """What a (re)starting job begins from: drops the rows of records that will be
-    read again (at or above ``committed``, or of partitions with no committed
-    offset), compacts, and sums the rest per window.
+def prepare_resume(ledger: WindowLedger, committed: Committed, finest_s: int, lateness_ms: int) -> Seeds:
+    """Readies the ledger for a (re)starting job: drops the rows of records that
+    will be read again (at or above ``committed``), compacts the rest (one row
+    per partition and window) and says what is left: the windows to seed and
+    the lateness horizon reached. The partials themselves are read by the job
+    (:func:`read_seeds`), not the launcher, so they never travel in the pipeline.
 
     ``committed`` must hold every partition the job reads, each with the offset
     the job starts it from.
     """
-    from transforms.aggregate import merge_into  # here: transforms.aggregate imports this module
     began = time.monotonic()
     conn = ledger.connect()
     try:
@@ -209,20 +213,34 @@ def load_seeds(ledger: WindowLedger, committed: Committed, finest_s: int, latene
             cur.execute("""DELETE FROM window_ledger l USING ledger_committed c
                            WHERE l.group_id = %s AND l.topic = c.topic AND l.partition = c.partition
                              AND l.to_offset > c.committed""", (ledger.group_id,))
-            dropped = cur.rowcount
-        if dropped:
-            LOG.info("ledger: dropped %d rows above the committed offsets (read again)", dropped)
+            if cur.rowcount:
+                LOG.info("ledger: dropped %d rows above the committed offsets (read again)", cur.rowcount)
         compact(ledger, committed, finest_s, lateness_ms, conn=conn)
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*), count(DISTINCT (window_seconds, window_start_ms)), max(horizon_ms) "
+                        "FROM window_ledger WHERE group_id = %s", (ledger.group_id,))
+            rows, windows, horizon = cur.fetchone()
+        return Seeds(windows, horizon, rows, time.monotonic() - began)
+    finally:
+        conn.close()
+
+
+def read_seeds(ledger: WindowLedger, committed: Committed) -> Iterator[tuple[tuple[int, int], dict]]:
+    """((window_seconds, window_start_ms), Partial) for every window the ledger
+    holds below ``committed`` (what :func:`prepare_resume` left), merged over
+    partitions. Rows the running job writes meanwhile start at or above
+    ``committed`` and are not read; compaction keeps them apart (``keep_below``)."""
+    from transforms.aggregate import merge_into  # here: transforms.aggregate imports this module
+    conn = ledger.connect()
+    try:
         partials: WindowPartials = {}
-        horizon, rows = None, 0
-        with conn, conn.cursor(name="ledger_seeds") as cur:
-            cur.itersize = 500
-            cur.execute("SELECT window_seconds, window_start_ms, partial, horizon_ms FROM window_ledger "
-                        "WHERE group_id = %s", (ledger.group_id,))
-            for size, start, partial, row_horizon in cur:
-                rows += 1
+        with conn, conn.cursor() as cur:
+            _committed_table(cur, committed)
+            cur.execute("""SELECT l.window_seconds, l.window_start_ms, l.partial FROM window_ledger l
+                           JOIN ledger_committed c USING (topic, partition)
+                           WHERE l.group_id = %s AND l.to_offset <= c.committed""", (ledger.group_id,))
+            for size, start, partial in cur:
                 merge_into(partials.setdefault((size, start), {}), partial)
-                horizon = row_horizon if horizon is None else max(horizon, row_horizon)
-        return Seeds(partials, horizon, rows, time.monotonic() - began)
+        yield from partials.items()
     finally:
         conn.close()

@@ -16,7 +16,8 @@ Setup::
 
     point = resume_point(config, topics, ledger, dlq_topic="analytics.dlq.v1",
                          finest_s=60, lateness_ms=3_600_000)
-    p | ReadEvents(config, partitions=point.partitions) | ...
+    events = p | ReadEvents(config, partitions=point.partitions) | ...
+    events | WindowedMetrics(..., seeds=point.read_seeds(), dead_lettered=point.dead_lettered)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from apache_beam.metrics import Metrics
 from confluent_kafka import TopicPartition
 
 from transforms.kafka_read import KafkaReadConfig, PartitionSpec, list_partitions, topic_partitions
-from transforms.ledger import Seeds, WindowLedger, compact, load_seeds
+from transforms.ledger import Committed, Seeds, WindowLedger, compact, prepare_resume, read_seeds
 from transforms.records import DeadLetter
 from transforms.sinks.postgres_sink import apply_schema
 
@@ -44,8 +45,15 @@ Coordinates = tuple  # (topic, partition, offset)
 
 class ResumePoint(NamedTuple):
     partitions: list          # of PartitionSpec, from the committed offsets, with the old watermark
-    seeds: Seeds
+    seeds: Seeds              # what the ledger holds for the job to start its windows from
     dead_lettered: frozenset  # of Coordinates at or above the committed offsets
+    ledger: WindowLedger
+
+    def committed(self) -> dict:
+        return {(s.topic, s.partition): s.start for s in self.partitions}
+
+    def read_seeds(self) -> "ReadWindowSeeds":
+        return ReadWindowSeeds(self.ledger, self.committed())
 
 
 def resume_point(config: KafkaReadConfig, topics: Iterable[str], ledger: WindowLedger, dlq_topic: str,
@@ -54,16 +62,14 @@ def resume_point(config: KafkaReadConfig, topics: Iterable[str], ledger: WindowL
     apply_schema(ledger.dsn)  # the ledger's table, on a database the job has not used yet
     specs = list_partitions(config, topics)
     committed = {(s.topic, s.partition): s.start for s in specs}
-    seeds = load_seeds(ledger, committed, finest_s, lateness_ms)
+    seeds = prepare_resume(ledger, committed, finest_s, lateness_ms)
     decided = published_dead_letters(config, dlq_topic, specs)
     highest: dict = {}
     for topic, partition, offset in decided:
         highest[(topic, partition)] = max(offset, highest.get((topic, partition), offset))
     specs = [s._replace(horizon_ms=seeds.horizon_ms, dead_lettered_up_to=highest.get((s.topic, s.partition)))
              for s in specs]
-    LOG.info("resuming: %d partitions, %d windows seeded from %d ledger rows in %.2fs, %d records already "
-             "dead-lettered", len(specs), len(seeds.partials), seeds.rows_read, seeds.seconds, len(decided))
-    return ResumePoint(specs, seeds, frozenset(decided))
+    return ResumePoint(specs, seeds, frozenset(decided), ledger)
 
 
 def parse_dead_letter_key(key: Optional[bytes]) -> Optional[Coordinates]:
@@ -138,6 +144,33 @@ class SkipPublishedDeadLetters(beam.PTransform):
         return dead_letters | "Skip" >> beam.ParDo(SkipPublishedFn(self.published))
 
 
+class ReadWindowSeedsFn(beam.DoFn):
+    """Input: one impulse. Output: ((window seconds, window start ms), Partial)
+    for every window the ledger seeds (see transforms.ledger.read_seeds)."""
+
+    def __init__(self, ledger: WindowLedger, committed: Committed):
+        self.ledger, self.committed = ledger, committed
+        self.windows = Metrics.counter("WindowedMetrics", "windows_seeded")
+
+    def process(self, _):
+        for item in read_seeds(self.ledger, self.committed):
+            self.windows.inc()
+            yield item
+
+
+class ReadWindowSeeds(beam.PTransform):
+    """PBegin -> the ledger's seeds, read by the job when it starts (not by the
+    launcher: they can be large, and must not travel in the pipeline)."""
+
+    def __init__(self, ledger: WindowLedger, committed: Committed):
+        super().__init__()
+        self.ledger, self.committed = ledger, committed
+
+    def expand(self, pbegin):
+        return pbegin | "Impulse" >> beam.Impulse() | "Read" >> beam.ParDo(
+            ReadWindowSeedsFn(self.ledger, self.committed))
+
+
 class LedgerCompactor(threading.Thread):
     """Compacts the window ledger every ``ledger.compact_every_s`` while the job
     runs, against the offsets the group has committed by then, so that a
@@ -149,6 +182,7 @@ class LedgerCompactor(threading.Thread):
         self.config, self.ledger = config, ledger
         self.tps = [TopicPartition(s.topic, s.partition) for s in specs]
         self.finest_s, self.lateness_ms = finest_s, lateness_ms
+        self.started_at = {(s.topic, s.partition): s.start for s in specs}
         self.stopped = threading.Event()
 
     def run(self):
@@ -158,7 +192,8 @@ class LedgerCompactor(threading.Thread):
                 try:
                     committed = {(c.topic, c.partition): c.offset
                                  for c in consumer.committed(self.tps, timeout=10) if c.offset >= 0}
-                    merged, expired = compact(self.ledger, committed, self.finest_s, self.lateness_ms)
+                    merged, expired = compact(self.ledger, committed, self.finest_s, self.lateness_ms,
+                                              keep_below=self.started_at)
                     LOG.info("ledger compacted: %d rows merged, %d expired", merged, expired)
                 except Exception as e:  # the next round tries again; the job does not depend on it
                     LOG.warning("ledger compaction failed (will retry): %s", e)
