@@ -75,7 +75,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     # Each dead-letter stream gets its own producer step rather than a Flatten,
     # so that both stay fused with the reader: its offsets are committed only
     # once their bundle's dead letters are flushed.
-    for label, letters in (("", decoded.dead_letters), ("TooLate", windowed.too_late)):
+    for label, letters in (("", decoded.dead_letters), ("TooLate", windowed.too_late),
+                           ("FoldErrors", windowed.fold_errors)):
         (letters | f"SkipPublished{label}" >> SkipPublishedDeadLetters(point.dead_lettered)
          | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic))
     sinks = opts.sink_set()

@@ -262,3 +262,15 @@ def test_panes_and_seeds_reach_accumulate_panes_with_one_deterministic_key_coder
     assert key.spec.urn == "beam:coder:tuple:v1"
     assert [components.coders[c].spec.urn for c in key.component_coder_ids] == [
         "beam:coder:string_utf8:v1", "beam:coder:varint:v1", "beam:coder:varint:v1"]
+
+
+def test_an_event_that_cannot_be_folded_is_one_dead_letter_and_the_rest_count():
+    good = event("question_answered", answer(BASE_MS + 1 * S, user="a"))
+    broken = dict(answer(BASE_MS + 2 * S, user="b"))
+    del broken["response_time_ms"]  # passed validation by a bug: folding it raises KeyError
+    bad = event("question_answered", broken)._replace(offset=7)
+    with TestPipeline() as p:
+        result = p | beam.Create([[good, bad]]) | WindowedMetrics(window_sizes_s=(60,), early_firing_s=None)
+        assert_that(result.panes["1m"] | beam.Map(overall), equal_to([(60, 0, "ON_TIME", 1.0, 1.0)]))
+        assert_that(result.fold_errors | beam.Map(lambda d: (d.error_code, d.source_offset, "KeyError" in d.error_message)),
+                    equal_to([("PROCESSING_ERROR", 7, True)]), label="FoldErrors")

@@ -44,9 +44,10 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import default_registry
-from schemas.wire import encode_avro
+from schemas.wire import encode_avro, encode_json
 from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
+from transforms.validation import ErrorCode
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
 OVERALL_ENTITY = "all"
@@ -171,16 +172,24 @@ def merge_into(target: Partial, source: Partial) -> Partial:
     return target
 
 
-def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...],
-                into: Optional[dict] = None) -> dict[tuple[int, int], list]:
+def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...], into: Optional[dict] = None,
+                on_error: Optional[Callable[[Event, Exception], None]] = None) -> dict[tuple[int, int], list]:
     """Folds events into ``{(size_ms, window_start_ms): [partial, latest event time]}``.
 
-    ``into`` continues an earlier fold (the same dict is returned).
+    ``into`` continues an earlier fold (the same dict is returned). ``on_error``:
+    an event whose contributions cannot be computed is handed to it and left
+    out (nothing of it was added); without it, the exception propagates.
     """
     partials = {} if into is None else into
     for event in events:
         ts = event.event_time_ms
-        parts = contributions(event)
+        try:
+            parts = contributions(event)
+        except Exception as e:
+            if on_error is None:
+                raise
+            on_error(event, e)
+            continue
         for size in sizes_ms:
             key = (size, ts - ts % size)
             slot = partials.get(key)
@@ -228,7 +237,8 @@ def metric_rows(partial: Partial, only: Optional[Partial] = None) -> list[Metric
     return rows
 
 
-TOO_LATE = "TOO_LATE"
+TOO_LATE = "too_late"          # output tags
+FOLD_ERRORS = "fold_errors"
 # How much longer than the allowed lateness the runner keeps a window open.
 # RejectLateEvents decides lateness by the batch's horizon, which can trail
 # the runner's watermark by what the reader read since (a bundle's worth);
@@ -286,16 +296,31 @@ class RejectLateEventsFn(beam.DoFn):
 
     def _dead_letter(self, e: Event, horizon: int) -> DeadLetter:
         closed = e.event_time_ms - e.event_time_ms % self.finest_ms + self.finest_ms
-        entry = default_registry().latest(e.event_type)
-        return DeadLetter(
-            source_topic=e.topic, source_partition=e.partition, source_offset=e.offset,
-            error_code=TOO_LATE,
-            error_message=(f"occurred_at {_iso(e.event_time_ms)} is too late: its window closed at "
-                           f"{_iso(closed)} and the allowed lateness ({self.lateness_ms // 1000}s) had "
-                           f"passed when it was read (watermark {_iso(horizon)}); it is in raw_events, "
-                           "and a replay or a larger --allowed_lateness counts it"),
-            raw_bytes=encode_avro(entry, e.fields), correlation_id=e.fields.get("correlation_id"),
-            event_type=e.event_type, failed_at=int(time.time() * 1000))
+        return event_dead_letter(e, ErrorCode.TOO_LATE, (
+            f"occurred_at {_iso(e.event_time_ms)} is too late: its window closed at {_iso(closed)} and "
+            f"the allowed lateness ({self.lateness_ms // 1000}s) had passed when it was read (watermark "
+            f"{_iso(horizon)}); it is in raw_events, and a replay or a larger --allowed_lateness counts it"))
+
+
+def event_dead_letter(e: Event, code: str, message: str) -> DeadLetter:
+    """A dead letter for a valid event the windows refused; its raw bytes are
+    the event re-encoded, as the record's own bytes are gone by then."""
+    return DeadLetter(
+        source_topic=e.topic, source_partition=e.partition, source_offset=e.offset, error_code=code,
+        error_message=message, raw_bytes=_reencoded(e), correlation_id=e.fields.get("correlation_id"),
+        event_type=e.event_type, failed_at=int(time.time() * 1000))
+
+
+def _reencoded(e: Event) -> bytes:
+    """Avro with the subject's newest schema; JSON, or the fields' repr, for an
+    event that no longer fits it (building a dead letter must not fail)."""
+    try:
+        return encode_avro(default_registry().latest(e.event_type), e.fields)
+    except Exception:
+        try:
+            return encode_json(e.event_type, e.fields)
+        except Exception:
+            return repr(e.fields).encode("utf-8", "backslashreplace")
 
 
 class RejectLateEvents(beam.PTransform):
@@ -331,6 +356,7 @@ class FoldIntoWindows(beam.DoFn):
         self.ledger = ledger
         self.partials_emitted = Metrics.counter("WindowedMetrics", "partials_emitted")
         self.ledger_rows = Metrics.counter("WindowedMetrics", "ledger_rows_written")
+        self.fold_errors = Metrics.counter("WindowedMetrics", "fold_errors")
 
     def setup(self):
         self.conn = self.ledger.connect() if self.ledger else None
@@ -350,7 +376,13 @@ class FoldIntoWindows(beam.DoFn):
         slot = self.by_partition.get((first.topic, first.partition))
         if slot is None:
             slot = self.by_partition[(first.topic, first.partition)] = [{}, first.offset, first.offset, None]
-        fold_events(events, self.sizes_ms, into=slot[0])
+        failed: list = []
+        fold_events(events, self.sizes_ms, into=slot[0], on_error=lambda e, exc: failed.append((e, exc)))
+        for event, exc in failed:
+            self.fold_errors.inc()
+            yield TaggedOutput(FOLD_ERRORS, event_dead_letter(
+                event, ErrorCode.PROCESSING_ERROR, f"unexpected {type(exc).__name__} while folding it into its "
+                                         f"windows: {str(exc)[:300]}"))
         slot[1] = min(slot[1], min(e.offset for e in events))
         slot[2] = max(slot[2], max(e.offset for e in events))
         horizon = ts.micros // 1000
@@ -530,8 +562,9 @@ def _seed_pane(seed, size: int, label: str):
 
 
 class WindowedResult(NamedTuple):
-    panes: dict           # window label -> PCollection of WindowAggregate
-    too_late: PCollection  # of DeadLetter (TOO_LATE)
+    panes: dict                # window label -> PCollection of WindowAggregate
+    too_late: PCollection      # of DeadLetter (TOO_LATE)
+    fold_errors: PCollection   # of DeadLetter (PROCESSING_ERROR): events whose counters raised
 
 
 class WindowedMetrics(beam.PTransform):
@@ -601,7 +634,7 @@ class WindowedMetrics(beam.PTransform):
         on_time, too_late = event_batches | "RejectLateEvents" >> RejectLateEvents(
             self.window_sizes_s[0], self.allowed_lateness_s, self.dead_lettered)
         partials = on_time | "FoldIntoWindows" >> beam.ParDo(
-            FoldIntoWindows(self.window_sizes_s, self.ledger)).with_outputs(*labels)
+            FoldIntoWindows(self.window_sizes_s, self.ledger)).with_outputs(FOLD_ERRORS, *labels)
         lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
         seed_panes = self._seed_panes(event_batches.pipeline)
@@ -621,4 +654,4 @@ class WindowedMetrics(beam.PTransform):
                 | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
                     lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
                     self.expire_state)))
-        return WindowedResult(panes, too_late)
+        return WindowedResult(panes, too_late, partials[FOLD_ERRORS])

@@ -43,6 +43,7 @@ class ErrorCode:
     INVALID_STRING = "INVALID_STRING"
     # Not a property of the record: an unexpected exception while handling it (see decode.py).
     PROCESSING_ERROR = "PROCESSING_ERROR"
+    TOO_LATE = "TOO_LATE"  # refused by the windows: later than --allowed_lateness (transforms.aggregate)
 
 
 class InvalidRecord(Exception):
