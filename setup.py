@@ -19,6 +19,7 @@ setup(
         "redis>=5,<9",
         "psycopg2-binary>=2.9,<3",
         "pyarrow>=14",
+        "tenacity>=8.2,<10",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

@@ -30,6 +30,8 @@ import redis.connection
 from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
 from confluent_kafka import Consumer, KafkaException
 
+from transforms.sinks.resilience import SinkRetryConfig
+
 EVENT_TOPICS = "learning.events.v1,content.events.v1,engagement.events.v1"
 DEFAULT_PRISM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              ".stack", "bin", "prism")
@@ -98,12 +100,22 @@ class AnalyticsOptions(PipelineOptions):
                        help="archive every valid event in Postgres raw_events")
         g.add_argument("--prism_path", default=_env("PRISM_PATH", DEFAULT_PRISM),
                        help="Prism runner binary, built by scripts/stack.sh [PRISM_PATH]")
+        # Sink retries and circuit breakers (transforms/sinks/resilience.py).
+        g.add_argument("--sink_retries", type=_lenient(int), default=3,
+                       help="attempts of a sink write (the first included, with jittered exponential "
+                            "back-off) before that sink's circuit breaker opens and holds writes")
+        g.add_argument("--sink_probe_interval", type=_lenient(float), default=2.0,
+                       help="seconds between probes of a sink whose circuit breaker is open")
 
     def topic_list(self) -> list[str]:
         return [t.strip() for t in self.topics.split(",") if t.strip()]
 
     def window_sizes_s(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.window_sizes.split(","))
+
+    def sink_retry_config(self) -> SinkRetryConfig:
+        """--sink_retries and --sink_probe_interval, for every sink DoFn (check_options refused bad ones)."""
+        return SinkRetryConfig(retries=int(self.sink_retries), probe_interval_s=float(self.sink_probe_interval))
 
     def sink_set(self) -> set[str]:
         """The chosen aggregate sinks; 'none' for none (e.g. to measure the pipeline alone)."""

@@ -3,10 +3,27 @@
 #   Kafka (KRaft, single node) . PostgreSQL . Redis . the Beam Prism runner binary.
 #
 # Usage: scripts/stack.sh up|down|status
+#        scripts/stack.sh stop|start redis|postgres|kafka     one service of the stack
+#        scripts/stack.sh instance up|down|purge|status redis|postgres|kafka PORT
+#                                                             an extra, private server
 #
 # Everything (jars, data, logs, pid files, binaries) lives in <repo>/.stack/.
 # Servers listen on 127.0.0.1 only. Installs what is missing (apt, Maven Central,
 # Go module proxy), so a fresh machine only needs root, java/mvn and go.
+#
+# stop/start take one service of the stack away and bring it back (outage
+# drills): Redis is stopped with SHUTDOWN SAVE and starts from that snapshot,
+# Postgres stops with pg_ctl -m fast (clients are disconnected), Kafka with a
+# controlled shutdown; data is kept. `down` then `up` still starts Redis empty.
+#
+# An instance is another redis-server, PostgreSQL cluster or Kafka broker on
+# PORT, with its own data, log and pid under .stack/instances/<service>-<port>/,
+# for tests that stop a server without touching the shared one (the stack's own
+# ports are refused). Postgres instances get the role/database `analytics`
+# (password `analytics`) and schemas/postgres.sql, like the stack's; a Kafka
+# instance (its controller on PORT+1) starts without topics. `down` keeps the
+# data (Redis as a snapshot, as `stop` does), `purge` stops and deletes it.
+# Every verb is idempotent and every wait is bounded.
 #
 # Env overrides: KAFKA_VERSION (default: 4.1.1, falling back to 4.4.0),
 #   KAFKA_PORT=9092 KAFKA_CONTROLLER_PORT=9093 PGPORT=5432 REDIS_PORT=6379
@@ -36,6 +53,14 @@ REDIS_PID="$REDIS_DIR/redis.pid"
 PRISM_BIN="$STACK/bin/prism"
 
 PG_DSN="postgresql://analytics:analytics@127.0.0.1:${PGPORT}/analytics"
+PG_LOG="$LOGS/postgres.log"
+PG_SCHEMA_LOG="$LOGS/postgres-schema.log"
+REDIS_LOG="$LOGS/redis.log"
+KAFKA_LOG="$LOGS/kafka.log"
+KAFKA_FORMAT_LOG="$LOGS/kafka-format.log"
+INSTANCES="$STACK/instances"
+# The stack's own ports: an extra instance may not take them.
+MAIN_PORTS="$KAFKA_PORT $KAFKA_CONTROLLER_PORT $PGPORT $REDIS_PORT"
 
 # ---------------------------------------------------------------- error handling
 # Every unit of work is a "step"; on any failure we say which step, why, and show
@@ -149,7 +174,7 @@ kafka_fetch() {
 }
 
 kafka_format() {
-  step "kafka: format KRaft storage" "$LOGS/kafka-format.log"
+  step "kafka: format KRaft storage" "$KAFKA_FORMAT_LOG"
   mkdir -p "$KAFKA_DIR/data"
   # Rendered on every up so port overrides take effect.
   sed -e "s|@DATA_DIR@|$KAFKA_DIR/data|g" \
@@ -164,7 +189,7 @@ kafka_format() {
   if [[ ! -s $KAFKA_DIR/cluster.id ]]; then
     # shellcheck disable=SC2046
     java $(kafka_java_opts) -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid \
-      2>>"$LOGS/kafka-format.log" | tail -n1 >"$KAFKA_DIR/cluster.id"
+      2>>"$KAFKA_FORMAT_LOG" | tail -n1 >"$KAFKA_DIR/cluster.id"
     [[ -s $KAFKA_DIR/cluster.id ]] || fail "StorageTool random-uuid printed nothing"
   fi
   # --standalone: single-node dynamic quorum (we set controller.quorum.bootstrap.servers,
@@ -172,7 +197,7 @@ kafka_format() {
   # shellcheck disable=SC2046
   java $(kafka_java_opts) -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format \
     --config "$KAFKA_PROPS" --cluster-id "$(<"$KAFKA_DIR/cluster.id")" --standalone \
-    >>"$LOGS/kafka-format.log" 2>&1
+    >>"$KAFKA_FORMAT_LOG" 2>&1
   echo "    formatted with cluster id $(<"$KAFKA_DIR/cluster.id")"
 }
 
@@ -189,7 +214,7 @@ PY
 kafka_up() {
   kafka_fetch
   kafka_format
-  step "kafka: start broker on 127.0.0.1:$KAFKA_PORT" "$LOGS/kafka.log"
+  step "kafka: start broker on 127.0.0.1:$KAFKA_PORT" "$KAFKA_LOG"
   if pid_running "$KAFKA_PID" kafka.Kafka; then
     echo "    already running (pid $(<"$KAFKA_PID"))"
   else
@@ -197,11 +222,11 @@ kafka_up() {
     for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
       if port_open "$p"; then fail "port $p is already taken by another process (not our broker)"; fi
     done
-    echo "---- $(date -Is) starting kafka $KAFKA_VERSION" >>"$LOGS/kafka.log"
+    echo "---- $(date -Is) starting kafka $KAFKA_VERSION" >>"$KAFKA_LOG"
     # setsid+nohup: the broker outlives this script and the caller's terminal.
     # shellcheck disable=SC2046
     nohup setsid java $(kafka_java_opts) -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
-      >>"$LOGS/kafka.log" 2>&1 </dev/null 9>&- &
+      >>"$KAFKA_LOG" 2>&1 </dev/null 9>&- &
     echo $! >"$KAFKA_PID"
   fi
   local i
@@ -224,7 +249,7 @@ kafka_topics() {
 }
 
 kafka_down() {
-  step "kafka: stop" "$LOGS/kafka.log"
+  step "kafka: stop" "$KAFKA_LOG"
   if pid_running "$KAFKA_PID" kafka.Kafka; then
     stop_pid "$KAFKA_PID" kafka 60   # controlled shutdown flushes logs; give it time
   else
@@ -267,7 +292,7 @@ pg_install() {
 
 pg_init() {
   need_root "postgres runs as the postgres OS user via runuser"
-  step "postgres: init project cluster in $PG_DATA" "$LOGS/postgres.log"
+  step "postgres: init project cluster in $PG_DATA" "$PG_LOG"
   pg_sock_dir
   mkdir -p "$PG_DIR" "$PG_SOCK"
   chown postgres:postgres "$PG_DIR" "$PG_SOCK"
@@ -281,7 +306,7 @@ pg_init() {
     fi
     d="$(dirname "$d")"
   done
-  touch "$LOGS/postgres.log" && chown postgres:postgres "$LOGS/postgres.log"
+  touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"
 
   if [[ -f $PG_DATA/PG_VERSION ]]; then
     local have want
@@ -293,7 +318,7 @@ pg_init() {
     rm -rf "$PG_DATA"
     # trust auth is acceptable: the server only listens on loopback + a private socket dir.
     as_pg "$PG_BIN/initdb" -D "$PG_DATA" --username=postgres --auth=trust \
-      --encoding=UTF8 --locale=C.UTF-8 >>"$LOGS/postgres.log" 2>&1
+      --encoding=UTF8 --locale=C.UTF-8 >>"$PG_LOG" 2>&1
     echo "include_if_exists = 'stack.conf'" >>"$PG_DATA/postgresql.conf"
   fi
 }
@@ -318,7 +343,7 @@ pg_free_port() {
     while read -r ver name port status _; do
       if [[ $port == "$PGPORT" && $status == online* ]]; then
         echo "    note: stopping Debian's default cluster $ver/$name, it holds port $PGPORT (pg_ctlcluster $ver $name stop)"
-        pg_ctlcluster "$ver" "$name" stop >>"$LOGS/postgres.log" 2>&1 || true
+        pg_ctlcluster "$ver" "$name" stop >>"$PG_LOG" 2>&1 || true
       fi
     done < <(pg_lsclusters -h 2>/dev/null)
   fi
@@ -329,7 +354,7 @@ pg_free_port() {
 pg_up() {
   pg_install
   pg_init
-  step "postgres: start on 127.0.0.1:$PGPORT" "$LOGS/postgres.log"
+  step "postgres: start on 127.0.0.1:$PGPORT" "$PG_LOG"
   if pg_cluster_running; then
     local running_port
     running_port="$(as_pg sed -n 4p "$PG_DATA/postmaster.pid")"
@@ -340,20 +365,20 @@ pg_up() {
   else
     pg_free_port
     pg_write_conf
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null 9>&-
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&-
   fi
   "$PG_BIN/pg_isready" -q -U postgres -h 127.0.0.1 -p "$PGPORT" -t 30 || fail "server not accepting connections on 127.0.0.1:$PGPORT"
 
-  step "postgres: role + database 'analytics'" "$LOGS/postgres.log"
-  "$PG_BIN/psql" -h "$PG_SOCK" -p "$PGPORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt <<'SQL' >>"$LOGS/postgres.log" 2>&1
+  step "postgres: role + database 'analytics'" "$PG_LOG"
+  "$PG_BIN/psql" -h "$PG_SOCK" -p "$PGPORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt <<'SQL' >>"$PG_LOG" 2>&1
 SELECT 'CREATE ROLE analytics LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'analytics') \gexec
 ALTER ROLE analytics LOGIN PASSWORD 'analytics';
 SELECT 'CREATE DATABASE analytics OWNER analytics' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'analytics') \gexec
 SQL
 
   if [[ -f $ROOT/schemas/postgres.sql ]]; then
-    step "postgres: apply schemas/postgres.sql" "$LOGS/postgres-schema.log"
-    "$PG_BIN/psql" "$PG_DSN" -v ON_ERROR_STOP=1 -q -f "$ROOT/schemas/postgres.sql" >>"$LOGS/postgres-schema.log" 2>&1
+    step "postgres: apply schemas/postgres.sql" "$PG_SCHEMA_LOG"
+    "$PG_BIN/psql" "$PG_DSN" -v ON_ERROR_STOP=1 -q -f "$ROOT/schemas/postgres.sql" >>"$PG_SCHEMA_LOG" 2>&1
     echo "    applied"
   else
     echo "    (no schemas/postgres.sql yet; skipping DDL)"
@@ -361,7 +386,7 @@ SQL
 }
 
 pg_down() {
-  step "postgres: stop" "$LOGS/postgres.log"
+  step "postgres: stop" "$PG_LOG"
   pg_find_bin
   if [[ -n $PG_BIN ]] && pg_cluster_running; then
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null \
@@ -378,41 +403,64 @@ redis_up() {
   command -v redis-server >/dev/null || apt_install redis-server
   echo "    $(redis-server --version | cut -d' ' -f1-3)"
 
-  step "redis: start on 127.0.0.1:$REDIS_PORT" "$LOGS/redis.log"
+  step "redis: start on 127.0.0.1:$REDIS_PORT" "$REDIS_LOG"
   mkdir -p "$REDIS_DIR"
   if pid_running "$REDIS_PID" redis-server; then
     echo "    already running (pid $(<"$REDIS_PID"))"
   else
     if port_open "$REDIS_PORT"; then
       # Debian's package may have started its own service on 6379.
-      if [[ -s /run/redis/redis-server.pid ]] && command -v service >/dev/null; then
+      if [[ $REDIS_PORT == 6379 && -s /run/redis/redis-server.pid ]] && command -v service >/dev/null; then
         echo "    note: stopping Debian's redis-server service, it holds port $REDIS_PORT"
-        service redis-server stop >>"$LOGS/redis.log" 2>&1 || true
+        service redis-server stop >>"$REDIS_LOG" 2>&1 || true
         sleep 1
       fi
       if port_open "$REDIS_PORT"; then fail "port $REDIS_PORT is taken by another process; stop it or set REDIS_PORT"; fi
     fi
-    # No persistence: this is a cache/state store for tests, start clean each time.
+    # No persistence while running: a cache/state store for tests. A snapshot
+    # left by `stop redis` (SHUTDOWN SAVE) is loaded, so an outage keeps the data.
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
-      --dir "$REDIS_DIR" --pidfile "$REDIS_PID" --logfile "$LOGS/redis.log" \
+      --dir "$REDIS_DIR" --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" \
       --save '' --appendonly no 9>&-
   fi
   local i
   for ((i = 0; i < 20; i++)); do
-    [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && { echo "    PONG"; return; }
+    [[ $(redis_ping) == PONG ]] && { echo "    PONG"; return; }
     sleep 1
   done
   fail "redis did not answer PING on 127.0.0.1:$REDIS_PORT within 20s (if it was started on another port, run 'scripts/stack.sh down' first)"
 }
 
+redis_ping() { timeout 3 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null || true; }
+
 redis_down() {
-  step "redis: stop" "$LOGS/redis.log"
+  step "redis: stop" "$REDIS_LOG"
   if pid_running "$REDIS_PID" redis-server; then
     stop_pid "$REDIS_PID" redis 15   # SIGTERM = clean shutdown (nothing to save)
   else
     rm -f "$REDIS_PID"
     echo "    not running"
   fi
+  rm -f "$REDIS_DIR/dump.rdb"        # `up` after `down` starts empty, as it always did
+}
+
+# Stops Redis keeping its data: SHUTDOWN SAVE writes dump.rdb, which the next start loads.
+redis_stop_saving() {
+  step "redis: stop on 127.0.0.1:$REDIS_PORT (saving a snapshot)" "$REDIS_LOG"
+  if ! pid_running "$REDIS_PID" redis-server; then
+    rm -f "$REDIS_PID"
+    echo "    not running"
+    return
+  fi
+  local pid i
+  pid="$(<"$REDIS_PID")"
+  timeout 20 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown save >/dev/null 2>&1 || true
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$REDIS_PID"; echo "    redis stopped (snapshot in $REDIS_DIR/dump.rdb)"; return; }
+    sleep 0.2
+  done
+  echo "    SHUTDOWN SAVE did not stop redis within 20s"
+  stop_pid "$REDIS_PID" redis 10
 }
 
 # ---------------------------------------------------------------- prism
@@ -516,7 +564,7 @@ cmd_status() {
   printf '%-9s %s\n' postgres "$line"
 
   if pid_running "$REDIS_PID" redis-server \
-     && [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; then
+     && [[ $(redis_ping) == PONG ]]; then
     line="up    127.0.0.1:$REDIS_PORT (pid $(<"$REDIS_PID"))"
   else line="down  127.0.0.1:$REDIS_PORT"; down=1; fi
   printf '%-9s %s\n' redis "$line"
@@ -528,9 +576,127 @@ cmd_status() {
   return "$down"
 }
 
+# ---------------------------------------------------------------- one service of the stack
+usage() {
+  cat >&2 <<EOF
+usage: $0 up|down|status
+       $0 stop|start redis|postgres|kafka
+       $0 instance up|down|purge|status redis|postgres|kafka PORT
+EOF
+  exit 2
+}
+
+# stop SERVICE: takes one service of the stack away, keeping its data (outage drills).
+cmd_stop() {
+  mkdir -p "$STACK" "$LOGS"
+  lock
+  case "$1" in
+    redis) redis_stop_saving ;;
+    postgres) pg_down ;;
+    kafka) kafka_down ;;
+    *) usage ;;
+  esac
+  STEP="done"
+}
+
+# start SERVICE: brings one service of the stack (back) up, as `up` would.
+cmd_start() {
+  mkdir -p "$STACK" "$LOGS"
+  lock
+  case "$1" in
+    redis) redis_up ;;
+    postgres) pg_up ;;
+    kafka) python_deps; kafka_up; kafka_topics ;;
+    *) usage ;;
+  esac
+  STEP="done"
+}
+
+# ---------------------------------------------------------------- extra instances
+# Points the redis or postgres settings at the instance on PORT.
+instance_use() {
+  local svc=$1 port=$2 p
+  if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1024 || port > 65535)); then
+    echo "stack.sh: instance PORT must be a number from 1024 to 65535, not '$port'" >&2
+    exit 2
+  fi
+  for p in $MAIN_PORTS; do
+    if [[ $port == "$p" || ($svc == kafka && $((port + 1)) == "$p") ]]; then
+      echo "stack.sh: port $p belongs to the stack itself; an instance needs another port" \
+           "(a kafka instance also takes PORT+1)" >&2
+      exit 2
+    fi
+  done
+  case $svc in
+    redis)
+      REDIS_PORT=$port REDIS_DIR="$INSTANCES/redis-$port"
+      REDIS_PID="$REDIS_DIR/redis.pid" REDIS_LOG="$REDIS_DIR/redis.log" ;;
+    postgres)
+      PGPORT=$port PG_DIR="$INSTANCES/postgres-$port"
+      PG_DATA="$PG_DIR/data" PG_LOG="$PG_DIR/postgres.log" PG_SCHEMA_LOG="$PG_DIR/schema.log"
+      PG_DSN="postgresql://analytics:analytics@127.0.0.1:$port/analytics" ;;
+    kafka)
+      KAFKA_PORT=$port KAFKA_CONTROLLER_PORT=$((port + 1)) KAFKA_DIR="$INSTANCES/kafka-$port"
+      KAFKA_PID="$KAFKA_DIR/kafka.pid" KAFKA_PROPS="$KAFKA_DIR/server.properties"
+      KAFKA_LOG="$KAFKA_DIR/kafka.log" KAFKA_FORMAT_LOG="$KAFKA_DIR/format.log"
+      mkdir -p "$KAFKA_DIR" ;;
+    *) usage ;;
+  esac
+}
+
+cmd_instance() {
+  local action=${1:-} svc=${2:-} port=${3:-}
+  [[ -n $action && -n $svc && -n $port ]] || usage
+  mkdir -p "$STACK" "$LOGS" "$INSTANCES"
+  instance_use "$svc" "$port"
+  # One verb per instance at a time; the stack's own lock is not taken, so an
+  # instance never waits for a long `up`.
+  exec 9>"$INSTANCES/$svc-$port.lock"
+  flock -w 120 9 || fail "another stack.sh is still working on $svc instance $port"
+  case "$action:$svc" in
+    up:redis) redis_up ;;
+    up:postgres) pg_up; echo "    dsn: $PG_DSN" ;;
+    down:redis) redis_stop_saving ;;
+    down:postgres) pg_down ;;
+    purge:redis) redis_down; rm -rf "$REDIS_DIR"; echo "    removed $REDIS_DIR" ;;
+    purge:postgres) pg_down; rm -rf "$PG_DIR"; echo "    removed $PG_DIR" ;;
+    up:kafka) python_deps; kafka_up ;;
+    down:kafka) kafka_down ;;
+    purge:kafka) kafka_down; rm -rf "$KAFKA_DIR"; echo "    removed $KAFKA_DIR" ;;
+    status:kafka)
+      STEP="done"
+      if pid_running "$KAFKA_PID" kafka.Kafka && port_open "$port"; then
+        echo "kafka     up    127.0.0.1:$port (pid $(<"$KAFKA_PID"), $KAFKA_DIR)"
+      else
+        echo "kafka     down  127.0.0.1:$port"; exit 1
+      fi ;;
+    status:redis)
+      STEP="done"
+      if pid_running "$REDIS_PID" redis-server && [[ $(redis_ping) == PONG ]]; then
+        echo "redis     up    127.0.0.1:$port (pid $(<"$REDIS_PID"), $REDIS_DIR)"
+      else
+        echo "redis     down  127.0.0.1:$port"; exit 1
+      fi ;;
+    status:postgres)
+      STEP="done"
+      pg_find_bin
+      if [[ -n $PG_BIN ]] && pg_cluster_running && "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -t 3; then
+        echo "postgres  up    127.0.0.1:$port ($PG_DSN, $PG_DIR)"
+      else
+        echo "postgres  down  127.0.0.1:$port"; exit 1
+      fi ;;
+    *) usage ;;
+  esac
+  [[ $action != purge ]] || rm -f "$INSTANCES/$svc-$port.lock"
+  STEP="done"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status || exit 1 ;;  # non-zero when any component is down
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  stop) [[ $# -eq 2 ]] || usage; cmd_stop "$2" ;;
+  start) [[ $# -eq 2 ]] || usage; cmd_start "$2" ;;
+  instance) [[ $# -eq 4 ]] || usage; cmd_instance "$2" "$3" "$4" ;;  # status: non-zero when down
+  *) usage ;;
 esac

@@ -1,4 +1,8 @@
-"""Sinks of the pipelines: Redis, Postgres and Kafka. All idempotent."""
+"""Sinks of the pipelines: Redis, Postgres and Kafka. All idempotent.
+
+Each retries a failed write and then holds it behind a circuit breaker while
+its service is away (``resilience.py``); ``SinkRetryConfig`` sets the timings.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +13,9 @@ import apache_beam as beam
 from transforms.sinks.kafka_sink import PublishAggregates
 from transforms.sinks.postgres_sink import WriteMetricsToPostgres
 from transforms.sinks.redis_sink import WriteMetricsToRedis
+from transforms.sinks.resilience import SinkRetryConfig
+
+__all__ = ["AggregateSinks", "SinkRetryConfig", "WriteAggregates"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,7 @@ class AggregateSinks:
     postgres_dsn: Optional[str] = None
     kafka_brokers: Optional[str] = None
     kafka_topic: str = "analytics.aggregated.v1"
+    retry: SinkRetryConfig = SinkRetryConfig()   # retries, back-off and probes of every sink
 
     def any(self) -> bool:
         return bool(self.redis_url or self.postgres_dsn or self.kafka_brokers)
@@ -33,8 +41,8 @@ class WriteAggregates(beam.PTransform):
     def expand(self, aggregates):
         s = self.sinks
         if s.redis_url:
-            aggregates | "Redis" >> WriteMetricsToRedis(s.redis_url)
+            aggregates | "Redis" >> WriteMetricsToRedis(s.redis_url, retry=s.retry)
         if s.postgres_dsn:
-            aggregates | "Postgres" >> WriteMetricsToPostgres(s.postgres_dsn)
+            aggregates | "Postgres" >> WriteMetricsToPostgres(s.postgres_dsn, retry=s.retry)
         if s.kafka_brokers:
-            aggregates | "Kafka" >> PublishAggregates(s.kafka_brokers, s.kafka_topic)
+            aggregates | "Kafka" >> PublishAggregates(s.kafka_brokers, s.kafka_topic, retry=s.retry)

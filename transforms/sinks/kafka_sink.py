@@ -5,35 +5,54 @@ keyed so that a retried bundle's duplicates are recognisable (and compact
 away): a dead letter by its source coordinates, an aggregate by its window,
 family and entity. Every bundle is flushed before it is finished, so nothing
 acknowledged to the runner is still only in a client buffer.
+
+While the broker is away, records wait in the producer (which has no local
+delivery timeout, so it never gives one up and keeps their order), and
+``finish_bundle`` keeps flushing: a few attempts, then the DoFn's circuit
+breaker opens and probes the broker with a metadata request until it answers
+(see ``transforms/sinks/resilience.py``). The bundle waits; nothing is dropped.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from schemas import default_registry
 from schemas.wire import encode_avro, plain_parsed
 from transforms.aggregate import WindowAggregate, window_label
 from transforms.records import DeadLetter
+from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
+
+
+class BrokerUnavailable(Exception):
+    """Records are still unacknowledged after a flush attempt: the broker is away (or slow)."""
 
 
 class _ProduceFn(beam.DoFn):
     """Base: one producer per DoFn instance, flushed at the end of every bundle."""
     subject = ""
 
-    def __init__(self, brokers: str, topic: str):
+    def __init__(self, brokers: str, topic: str, retry: Optional[SinkRetryConfig] = None):
         self.brokers, self.topic = brokers, topic
+        self.retry = retry or SinkRetryConfig()
         self.produced = Metrics.counter(type(self).__name__, "records_produced")
+        self.counters = BreakerCounters(type(self).__name__)
 
     def setup(self):
         self.entry = default_registry().latest(self.subject)
         self.parsed = plain_parsed(self.entry)
+        # message.timeout.ms 0: a record is never failed locally while the broker
+        # is away; with idempotence the producer retries it in order, no duplicates.
         self.producer = Producer({"bootstrap.servers": self.brokers, "linger.ms": 20,
-                                  "enable.idempotence": True})
+                                  "enable.idempotence": True, "message.timeout.ms": 0,
+                                  "error_cb": self._on_error})
+        self.breaker = CircuitBreaker(f"{type(self).__name__}({self.topic})", self.retry,
+                                      probe=self._probe, transient=(BrokerUnavailable,))
         self.errors: list = []
+        self.broker_error: Optional[KafkaError] = None
         self.sent = 0
 
     def _send(self, key: bytes, record: dict, headers: Any = None) -> None:
@@ -53,12 +72,34 @@ class _ProduceFn(beam.DoFn):
         if err is not None:
             self.errors.append(err)
 
+    def _on_error(self, err: KafkaError) -> None:
+        """Client-level errors (all brokers down, transport): the cause a breaker names."""
+        self.broker_error = err
+
+    def _flush(self) -> None:
+        left = self.producer.flush(self.retry.write_timeout_s)
+        if not left:
+            self.broker_error = None
+        elif not self.errors:
+            cause = f"; last broker error: {self.broker_error.str()}" if self.broker_error else ""
+            raise BrokerUnavailable(f"{left} records not acknowledged within {self.retry.write_timeout_s:.0f}s{cause}")
+
+    def _probe(self) -> None:
+        """A metadata request for our topic, bounded; raises unless the broker answers for it."""
+        topic = self.producer.list_topics(self.topic, timeout=self.retry.probe_timeout_s).topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            raise KafkaException(topic.error if topic is not None else f"no metadata for {self.topic}")
+
     def finish_bundle(self):
-        left = self.producer.flush(30)
-        if left or self.errors:
+        try:
+            self.breaker.call(self._flush)
+        finally:
+            self.counters.report(self.breaker)
+        if self.errors:
             errors, self.errors = self.errors, []
-            # Failing the bundle makes the runner retry it; the sink is keyed, so that is safe.
-            raise KafkaException(f"{self.topic}: {left} records unflushed, errors: {errors[:3]}")
+            # Not an outage (those never reach here: records wait, no local timeout) but a
+            # refused record. Failing the bundle makes the runner retry it; the sink is keyed.
+            raise KafkaException(f"{self.topic}: {len(errors)} records failed: {errors[:3]}")
 
     def teardown(self):
         self.producer.flush(10)
@@ -93,20 +134,20 @@ class PublishAggregatesFn(_ProduceFn):
 class PublishDeadLetters(beam.PTransform):
     """DeadLetters -> (nothing): one Avro record each on the dead-letter topic."""
 
-    def __init__(self, brokers: str, topic: str = "analytics.dlq.v1"):
+    def __init__(self, brokers: str, topic: str = "analytics.dlq.v1", retry: Optional[SinkRetryConfig] = None):
         super().__init__()
-        self.brokers, self.topic = brokers, topic
+        self.brokers, self.topic, self.retry = brokers, topic, retry
 
     def expand(self, dead_letters):
-        return dead_letters | "Produce" >> beam.ParDo(PublishDeadLettersFn(self.brokers, self.topic))
+        return dead_letters | "Produce" >> beam.ParDo(PublishDeadLettersFn(self.brokers, self.topic, self.retry))
 
 
 class PublishAggregates(beam.PTransform):
     """WindowAggregates -> (nothing): one AggregatedMetric per row on the aggregates topic."""
 
-    def __init__(self, brokers: str, topic: str = "analytics.aggregated.v1"):
+    def __init__(self, brokers: str, topic: str = "analytics.aggregated.v1", retry: Optional[SinkRetryConfig] = None):
         super().__init__()
-        self.brokers, self.topic = brokers, topic
+        self.brokers, self.topic, self.retry = brokers, topic, retry
 
     def expand(self, aggregates):
-        return aggregates | "Produce" >> beam.ParDo(PublishAggregatesFn(self.brokers, self.topic))
+        return aggregates | "Produce" >> beam.ParDo(PublishAggregatesFn(self.brokers, self.topic, self.retry))

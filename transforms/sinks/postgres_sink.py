@@ -10,6 +10,12 @@ Both are idempotent, which is what makes at-least-once reading exact:
 
 The tables are defined in ``schemas/postgres.sql``; ``scripts/stack.sh up``
 applies it, and each sink applies it again at start-up (it is idempotent).
+
+When Postgres is away (connection refused or lost, the server shutting down or
+starting up: ``OperationalError``/``InterfaceError``), a write is redone whole,
+as a new transaction on a new connection, and while Postgres stays away the
+sink's circuit breaker holds it until ``SELECT 1`` answers (see
+``transforms/sinks/resilience.py``): the bundle waits, nothing is dropped.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from psycopg2.extras import execute_values
 
 from transforms.aggregate import WindowAggregate
 from transforms.records import Event
+from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 
 _NULL = "\\N"  # COPY's NULL marker; an empty string stays an empty string
 _COLUMNS = ("event_id", "occurred_at", "event_type", "user_id", "correlation_id", "schema_id",
@@ -39,6 +46,47 @@ def connect(dsn: str):
     conn = psycopg2.connect(dsn, connect_timeout=10)
     conn.autocommit = False
     return conn
+
+
+# Errors that mean "Postgres is not there" (refused, lost, AdminShutdown, starting up).
+TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def sink_connect(dsn: str, retry: SinkRetryConfig):
+    """A sink's connection: bounded connect, TCP keepalives so a vanished server is noticed."""
+    conn = psycopg2.connect(dsn, connect_timeout=max(2, round(retry.probe_timeout_s)),
+                            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+    conn.autocommit = False
+    return conn
+
+
+def postgres_breaker(sink: str, dsn: str, retry: SinkRetryConfig) -> CircuitBreaker:
+    """A breaker whose probe is ``SELECT 1`` on a new connection."""
+    def probe():
+        conn = psycopg2.connect(dsn, connect_timeout=max(2, round(retry.probe_timeout_s)))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        finally:
+            conn.close()
+    return CircuitBreaker(f"{sink}({_where(dsn)})", retry, probe=probe, transient=TRANSIENT)
+
+
+def _where(dsn: str) -> str:
+    """host:port/db of a DSN, without credentials, for log lines."""
+    try:
+        p = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "?"
+    return f"{p.get('host', '')}:{p.get('port', '5432')}/{p.get('dbname', '')}"
+
+
+def _close_quietly(conn) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
 
 
 def apply_schema(dsn: str) -> None:
@@ -91,17 +139,21 @@ class _ArchiveWriter(threading.Thread):
 
     psycopg2 releases the GIL while the server works; a bundle waits for its
     writes in finish_bundle, so nothing is acknowledged before it is stored.
+    A COPY transaction that fails on the connection is redone on a new one
+    (with its own staging table: a temporary table lives and dies with its
+    connection); while Postgres stays away, the writer's breaker holds it, so
+    the queue fills, ``process`` blocks and ``finish_bundle`` waits.
     """
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, retry: Optional[SinkRetryConfig] = None):
         super().__init__(daemon=True, name="archive-writer")
-        self.conn = connect(dsn)
+        self.dsn, self.retry = dsn, retry or SinkRetryConfig()
+        self.conn = None
+        self.breaker = postgres_breaker("ArchiveRawEvents", dsn, self.retry)
         self.jobs: queue.Queue = queue.Queue(maxsize=4)
         self.partitions: set = set()
         self.inserted = self.offered = 0
         self.error: Optional[BaseException] = None
-        with self.conn, self.conn.cursor() as cur:
-            cur.execute(_STAGING)
 
     def run(self):
         while True:
@@ -110,22 +162,44 @@ class _ArchiveWriter(threading.Thread):
                 if job is None:
                     return
                 if self.error is None:
-                    self._write(*job)
+                    self.breaker.call(lambda: self._write(*job), reset=self._reset)
             except BaseException as e:  # handed to the bundle in finish_bundle
                 self.error = e
             finally:
                 self.jobs.task_done()
 
+    def _connection(self):
+        if self.conn is None:
+            conn = sink_connect(self.dsn, self.retry)
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(_STAGING)
+            except BaseException:
+                _close_quietly(conn)
+                raise
+            self.conn = conn
+        return self.conn
+
+    def _reset(self) -> None:
+        conn, self.conn = self.conn, None
+        _close_quietly(conn)
+
     def _write(self, text: str, days: set, count: int) -> None:
-        with self.conn, self.conn.cursor() as cur:
+        """One batch in one transaction: partitions, COPY to staging, move. Redone whole on a retry."""
+        conn = self._connection()
+        with conn, conn.cursor() as cur:
             for day in sorted(days - self.partitions):
                 start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
                 cur.execute("SELECT pg_advisory_xact_lock(4243)")
                 cur.execute(f"CREATE TABLE IF NOT EXISTS raw_events_{start:%Y%m%d} PARTITION OF raw_events "
                             "FOR VALUES FROM (%s) TO (%s)", (start, start + timedelta(days=1)))
-            cur.copy_expert("COPY raw_events_staging FROM STDIN", io.StringIO(text))
+            # Bytes, not text: psycopg2 passes them through (a str is decoded in C, which prints a
+            # SystemError on stderr when the server goes away mid-COPY).
+            data = io.BytesIO(text.encode(psycopg2.extensions.encodings[conn.encoding]))
+            cur.copy_expert("COPY raw_events_staging FROM STDIN", data)
             cur.execute(_MOVE)
-            self.inserted += cur.rowcount
+            inserted = cur.rowcount
+        self.inserted += inserted   # only once committed
         self.partitions |= days
         self.offered += count
 
@@ -141,20 +215,24 @@ class _ArchiveWriter(threading.Thread):
     def close(self) -> None:
         self.jobs.put(None)
         self.join(10)
-        self.conn.close()
+        if not self.is_alive():
+            self._reset()
 
 
 class ArchiveRawEventsFn(beam.DoFn):
     """Input: a list of Events. Writes them to ``raw_events``; outputs nothing."""
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, retry: Optional[SinkRetryConfig] = None):
         self.dsn = dsn
+        self.retry = retry or SinkRetryConfig()
         self.archived = Metrics.counter("ArchiveRawEvents", "events_archived")
         self.duplicates = Metrics.counter("ArchiveRawEvents", "duplicates_ignored")
+        self.counters = BreakerCounters("ArchiveRawEvents")
 
     def setup(self):
-        apply_schema(self.dsn)
-        self.writer = _ArchiveWriter(self.dsn)
+        self.writer = _ArchiveWriter(self.dsn, self.retry)
+        # A DoFn set up while Postgres is away (a new instance for a new bundle) waits here.
+        self.writer.breaker.call(lambda: apply_schema(self.dsn))
         self.writer.start()
 
     def teardown(self):
@@ -167,7 +245,10 @@ class ArchiveRawEventsFn(beam.DoFn):
         return ()
 
     def finish_bundle(self):
-        inserted, offered = self.writer.drain()
+        try:
+            inserted, offered = self.writer.drain()
+        finally:
+            self.counters.report(self.writer.breaker)
         self.archived.inc(inserted)
         self.duplicates.inc(offered - inserted)
 
@@ -175,12 +256,12 @@ class ArchiveRawEventsFn(beam.DoFn):
 class ArchiveRawEvents(beam.PTransform):
     """Batches of Events -> (nothing): every valid event lands once in ``raw_events``."""
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, retry: Optional[SinkRetryConfig] = None):
         super().__init__()
-        self.dsn = dsn
+        self.dsn, self.retry = dsn, retry
 
     def expand(self, event_batches):
-        return event_batches | "CopyToPostgres" >> beam.ParDo(ArchiveRawEventsFn(self.dsn))
+        return event_batches | "CopyToPostgres" >> beam.ParDo(ArchiveRawEventsFn(self.dsn, self.retry))
 
 
 _UPSERT = """
@@ -194,37 +275,55 @@ SET window_end = EXCLUDED.window_end, metrics = EXCLUDED.metrics,
 
 
 class WriteMetricsToPostgresFn(beam.DoFn):
-    """Input: a WindowAggregate. Upserts its rows into ``table`` (``window_metrics``)."""
+    """Input: a WindowAggregate. Upserts its rows into ``table`` (``window_metrics``).
 
-    def __init__(self, dsn: str, table: str = "window_metrics"):
+    A pane's upserts are one transaction; when the connection fails it is
+    redone whole on a new connection, and while Postgres stays away the
+    DoFn's circuit breaker holds it (blocking the bundle) until it answers.
+    """
+
+    def __init__(self, dsn: str, table: str = "window_metrics", retry: Optional[SinkRetryConfig] = None):
         self.dsn, self.table = dsn, table
+        self.retry = retry or SinkRetryConfig()
         self.rows = Metrics.counter("WriteMetricsToPostgres", "rows_upserted")
+        self.counters = BreakerCounters("WriteMetricsToPostgres")
 
     def setup(self):
-        apply_schema(self.dsn)
-        self.conn = connect(self.dsn)
+        self.conn = None
+        self.breaker = postgres_breaker("WriteMetricsToPostgres", self.dsn, self.retry)
+        # A DoFn set up while Postgres is away (a new instance for a new bundle) waits here.
+        self.breaker.call(lambda: apply_schema(self.dsn))
 
     def teardown(self):
-        if getattr(self, "conn", None) is not None:
-            self.conn.close()
+        self._reset()
+
+    def _reset(self) -> None:
+        conn, self.conn = getattr(self, "conn", None), None
+        _close_quietly(conn)
 
     def process(self, agg: WindowAggregate):
         start, end = utc(agg.window_start_ms), utc(agg.window_end_ms)
         values = [(agg.window_seconds, start, end, r.family, r.entity_id,
                    json.dumps(r.metrics, separators=(",", ":")), agg.pane_timing, agg.pane_index)
                   for r in agg.rows]
+        self.breaker.call(lambda: self._upsert(values), reset=self._reset)
+        self.rows.inc(len(values))
+        self.counters.report(self.breaker)
+        return ()
+
+    def _upsert(self, values: list) -> None:
+        if self.conn is None:
+            self.conn = sink_connect(self.dsn, self.retry)
         with self.conn, self.conn.cursor() as cur:
             execute_values(cur, _UPSERT.format(table=self.table), values, page_size=2000)
-        self.rows.inc(len(values))
-        return ()
 
 
 class WriteMetricsToPostgres(beam.PTransform):
     """WindowAggregates -> (nothing): durable, upserted rows in ``window_metrics``."""
 
-    def __init__(self, dsn: str, table: str = "window_metrics"):
+    def __init__(self, dsn: str, table: str = "window_metrics", retry: Optional[SinkRetryConfig] = None):
         super().__init__()
-        self.dsn, self.table = dsn, table
+        self.dsn, self.table, self.retry = dsn, table, retry
 
     def expand(self, aggregates):
-        return aggregates | "Upsert" >> beam.ParDo(WriteMetricsToPostgresFn(self.dsn, self.table))
+        return aggregates | "Upsert" >> beam.ParDo(WriteMetricsToPostgresFn(self.dsn, self.table, self.retry))

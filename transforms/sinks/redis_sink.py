@@ -9,6 +9,10 @@ written with one pipelined round trip per pane and a TTL per window size, so
 old windows expire by themselves. An accumulating pane carries the full value,
 so writing it again (a refire, a replay, a retry) overwrites, never adds.
 ``analytics:<label>:latest`` holds the start of the newest window written.
+
+When Redis is away, a pane's write is retried on a new client, then held by
+the DoFn's circuit breaker until Redis answers a PING again (see
+``transforms/sinks/resilience.py``): the bundle waits, nothing is dropped.
 """
 from __future__ import annotations
 
@@ -17,8 +21,11 @@ from typing import Optional
 import apache_beam as beam
 import redis
 from apache_beam.metrics import Metrics
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from transforms.aggregate import WindowAggregate, window_label
+from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 
 # How long values stay readable after a write, per window size (seconds).
 DEFAULT_TTL_S = {60: 2 * 3600, 300: 12 * 3600, 3600: 3 * 86400, 86400: 8 * 86400}
@@ -28,21 +35,65 @@ def metric_key(prefix: str, window_seconds: int, window_start_ms: int, family: s
     return f"{prefix}:{window_label(window_seconds)}:{window_start_ms}:{family}:{entity}"
 
 
-class WriteMetricsToRedisFn(beam.DoFn):
-    """Input: a WindowAggregate. Writes its rows as hashes with a TTL; outputs nothing."""
+# Errors that mean "Redis is not there" (BusyLoadingError, a restart reading its
+# snapshot, is a ConnectionError); anything else fails the bundle.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
-    def __init__(self, url: str, prefix: str = "analytics", ttl_s: Optional[dict] = None):
+
+def _client(url: str, connect_timeout_s: float, socket_timeout_s: float) -> redis.Redis:
+    # No retries inside the client: the breaker owns retrying (redis-py's own
+    # default would back off for up to a minute before we ever saw the error).
+    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
+
+
+class WriteMetricsToRedisFn(beam.DoFn):
+    """Input: a WindowAggregate. Writes its rows as hashes with a TTL; outputs nothing.
+
+    A write that fails on the connection is retried on a new client, and
+    while Redis stays away the DoFn's circuit breaker holds it (blocking the
+    bundle) until a PING answers.
+    """
+
+    def __init__(self, url: str, prefix: str = "analytics", ttl_s: Optional[dict] = None,
+                 retry: Optional[SinkRetryConfig] = None):
         self.url, self.prefix = url, prefix
         self.ttl_s = dict(DEFAULT_TTL_S, **(ttl_s or {}))
+        self.retry = retry or SinkRetryConfig()
         self.written = Metrics.counter("WriteMetricsToRedis", "hashes_written")
+        self.counters = BreakerCounters("WriteMetricsToRedis")
 
     def setup(self):
-        self.client = redis.Redis.from_url(self.url, socket_timeout=10)
+        self.client: Optional[redis.Redis] = None
+        self.breaker = CircuitBreaker(f"WriteMetricsToRedis({_where(self.url)})", self.retry,
+                                      probe=self._probe, transient=TRANSIENT)
 
     def teardown(self):
-        self.client.close()
+        self._reset()
+
+    def _probe(self) -> None:
+        c = _client(self.url, self.retry.probe_timeout_s, self.retry.probe_timeout_s)
+        try:
+            c.ping()
+        finally:
+            c.close()
+
+    def _reset(self) -> None:
+        """Drops the client and its pooled connections; the next write makes a new one."""
+        client, self.client = getattr(self, "client", None), None
+        if client is not None:
+            client.close()
 
     def process(self, agg: WindowAggregate):
+        self.breaker.call(lambda: self._write(agg), reset=self._reset)
+        self.written.inc(len(agg.rows))
+        self.counters.report(self.breaker)
+        return ()
+
+    def _write(self, agg: WindowAggregate) -> None:
+        """One pane in one pipelined round trip; idempotent, so a retry may repeat it whole."""
+        if self.client is None:
+            self.client = _client(self.url, self.retry.probe_timeout_s, self.retry.write_timeout_s)
         ttl = self.ttl_s.get(agg.window_seconds, 2 * agg.window_seconds + 3600)
         pipe = self.client.pipeline(transaction=False)
         for row in agg.rows:
@@ -57,17 +108,21 @@ class WriteMetricsToRedisFn(beam.DoFn):
         current = self.client.get(latest)
         if current is not None and int(current) < agg.window_start_ms:
             self.client.set(latest, agg.window_start_ms, ex=ttl)
-        self.written.inc(len(agg.rows))
-        return ()
+
+
+def _where(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials, for log lines."""
+    return url.split("@")[-1].split("://")[-1]
 
 
 class WriteMetricsToRedis(beam.PTransform):
     """WindowAggregates -> (nothing): real-time values in Redis."""
 
-    def __init__(self, url: str, prefix: str = "analytics", ttl_s: Optional[dict] = None):
+    def __init__(self, url: str, prefix: str = "analytics", ttl_s: Optional[dict] = None,
+                 retry: Optional[SinkRetryConfig] = None):
         super().__init__()
-        self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
+        self.url, self.prefix, self.ttl_s, self.retry = url, prefix, ttl_s, retry
 
     def expand(self, aggregates):
         return aggregates | "PipelinedHset" >> beam.ParDo(
-            WriteMetricsToRedisFn(self.url, self.prefix, self.ttl_s))
+            WriteMetricsToRedisFn(self.url, self.prefix, self.ttl_s, self.retry))
