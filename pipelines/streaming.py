@@ -65,25 +65,26 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     until_idle = opts.view_as(StreamingOptions).until_idle
     decoded = (p | "ReadEvents" >> ReadEvents(read_config(opts), partitions=point.partitions)
                | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
+    retry = opts.sink_retry_config()
     if opts.archive == "true":
-        decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn)
+        decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
     windowed = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
         allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
         expire_state=until_idle is None, ledger=WindowLedger(opts.postgres_dsn, opts.group_id),
-        seeds=point.read_seeds(), dead_lettered=point.dead_lettered)
+        seeds=point.read_seeds(), dead_lettered=point.dead_lettered, retry=retry)
     # Each dead-letter stream gets its own producer step rather than a Flatten,
     # so that both stay fused with the reader: its offsets are committed only
     # once their bundle's dead letters are flushed.
     for label, letters in (("", decoded.dead_letters), ("TooLate", windowed.too_late),
                            ("FoldErrors", windowed.fold_errors)):
         (letters | f"SkipPublished{label}" >> SkipPublishedDeadLetters(point.dead_lettered)
-         | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic))
+         | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic, retry))
     sinks = opts.sink_set()
     targets = AggregateSinks(redis_url=opts.redis_url if "redis" in sinks else None,
                              postgres_dsn=opts.postgres_dsn if "postgres" in sinks else None,
                              kafka_brokers=opts.brokers if "kafka" in sinks else None,
-                             kafka_topic=opts.aggregates_topic)
+                             kafka_topic=opts.aggregates_topic, retry=retry)
     if targets.any():
         for label, aggregates in windowed.panes.items():
             aggregates | f"Write{label}" >> WriteAggregates(targets)

@@ -417,11 +417,12 @@ redis_up() {
       fi
       if port_open "$REDIS_PORT"; then fail "port $REDIS_PORT is taken by another process; stop it or set REDIS_PORT"; fi
     fi
-    # No persistence while running: a cache/state store for tests. A snapshot
-    # left by `stop redis` (SHUTDOWN SAVE) is loaded, so an outage keeps the data.
+    # Append-only file, synced at every write: Redis holds the real-time
+    # values, and a window that gets no new pane is never written again, so a
+    # crash of Redis must not lose what it acknowledged.
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
       --dir "$REDIS_DIR" --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" \
-      --save '' --appendonly no 9>&-
+      --save '' --appendonly yes --appendfsync always 9>&-
   fi
   local i
   for ((i = 0; i < 20; i++)); do

@@ -350,20 +350,32 @@ class FoldIntoWindows(beam.DoFn):
     so that a restart can start every window from its total.
     """
 
-    def __init__(self, sizes_s: tuple[int, ...], ledger: Optional[WindowLedger] = None):
+    def __init__(self, sizes_s: tuple[int, ...], ledger: Optional[WindowLedger] = None,
+                 retry: Optional["SinkRetryConfig"] = None):
         self.sizes_ms = tuple(s * 1000 for s in sizes_s)
         self.labels = {s * 1000: window_label(s) for s in sizes_s}
-        self.ledger = ledger
+        self.ledger, self.retry = ledger, retry
         self.partials_emitted = Metrics.counter("WindowedMetrics", "partials_emitted")
         self.ledger_rows = Metrics.counter("WindowedMetrics", "ledger_rows_written")
         self.fold_errors = Metrics.counter("WindowedMetrics", "fold_errors")
 
     def setup(self):
-        self.conn = self.ledger.connect() if self.ledger else None
+        self.conn = None
+        if self.ledger is not None:
+            # Imported here: the sinks package imports this module.
+            from transforms.sinks.postgres_sink import postgres_breaker
+            from transforms.sinks.resilience import SinkRetryConfig
+            self.breaker = postgres_breaker("WindowLedger", self.ledger.dsn, self.retry or SinkRetryConfig())
 
     def teardown(self):
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         if self.conn is not None:
-            self.conn.close()
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
 
     def start_bundle(self):
         # (topic, partition) -> [partials by window, first offset, last offset, horizon ms]
@@ -411,8 +423,15 @@ class FoldIntoWindows(beam.DoFn):
         rows = [LedgerRow(topic, partition, lo, hi + 1, size // 1000, start, partial, horizon)
                 for (topic, partition), (partials, lo, hi, horizon) in self.by_partition.items()
                 for (size, start), (partial, _) in partials.items()]
-        # Before the partials are handed on, which may mutate them in a merge.
-        self.ledger_rows.inc(write_rows(self.conn, self.ledger.group_id, rows))
+
+        def write() -> int:
+            if self.conn is None:
+                self.conn = self.ledger.connect()
+            return write_rows(self.conn, self.ledger.group_id, rows)
+
+        # Before the partials are handed on (a merge may mutate them). While
+        # Postgres is away the bundle waits here, so its offsets stay uncommitted.
+        self.ledger_rows.inc(self.breaker.call(write, reset=self._disconnect))
 
 
 class MergeWindowMetrics(beam.CombineFn):
@@ -588,7 +607,8 @@ class WindowedMetrics(beam.PTransform):
     PTransform (from the pipeline's start) of ((window seconds, window start
     ms), Partial): the totals an earlier run left in the ledger
     (transforms.resume.ReadWindowSeeds), or a beam.Create in tests;
-    ``dead_lettered``: see RejectLateEventsFn.
+    ``dead_lettered``: see RejectLateEventsFn. ``retry``: how the ledger's
+    writes ride out a Postgres outage (transforms.sinks.resilience).
     ``catch_up_after_s``, ``expire_state``: see :class:`AccumulatePanes`.
     """
 
@@ -596,14 +616,14 @@ class WindowedMetrics(beam.PTransform):
                  early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
                  catch_up_after_s: Optional[float] = None, expire_state: bool = True,
                  ledger: Optional[WindowLedger] = None, seeds: Optional[beam.PTransform] = None,
-                 dead_lettered: frozenset = frozenset()):
+                 dead_lettered: frozenset = frozenset(), retry: Optional["SinkRetryConfig"] = None):
         super().__init__()
         self.expire_state = expire_state
         self.catch_up_after_s = catch_up_after_s
         self.window_sizes_s = tuple(sorted(window_sizes_s))
         self.early_firing_s = early_firing_s
         self.allowed_lateness_s = allowed_lateness_s
-        self.ledger, self.seeds, self.dead_lettered = ledger, seeds, dead_lettered
+        self.ledger, self.seeds, self.dead_lettered, self.retry = ledger, seeds, dead_lettered, retry
 
     def early_delay_s(self, size_s: int) -> int:
         return int(max(self.early_firing_s, min(size_s // 60, 60)))
@@ -634,7 +654,7 @@ class WindowedMetrics(beam.PTransform):
         on_time, too_late = event_batches | "RejectLateEvents" >> RejectLateEvents(
             self.window_sizes_s[0], self.allowed_lateness_s, self.dead_lettered)
         partials = on_time | "FoldIntoWindows" >> beam.ParDo(
-            FoldIntoWindows(self.window_sizes_s, self.ledger)).with_outputs(FOLD_ERRORS, *labels)
+            FoldIntoWindows(self.window_sizes_s, self.ledger, self.retry)).with_outputs(FOLD_ERRORS, *labels)
         lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
         seed_panes = self._seed_panes(event_batches.pipeline)

@@ -56,6 +56,12 @@ LOG = logging.getLogger(__name__)
 UNBOUNDED = sys.maxsize
 
 
+# (read id, topic, partition) -> when a record last came, over every DoFn
+# instance of the process: a partition's calls move between instances, and
+# an instance's own reader may not have seen the partition for a long time.
+_LAST_RECORD_AT: dict = {}
+
+
 class _PartitionWatermarks:
     """The watermark of every partition of one read, shared by the readers in a process.
 
@@ -353,7 +359,7 @@ class ReadPartitionFn(beam.DoFn):
             if not records:
                 return  # the runner split the rest of the range away
             call.next_offset = reader.position = records[-1].offset + 1
-            reader.last_record_at = time.monotonic()
+            reader.last_record_at = _LAST_RECORD_AT[(self.read_id, reader.topic, reader.partition)] = time.monotonic()
             self.records_read.inc(len(records))
             offsets = Metrics.distribution("ReadEvents", f"offsets:{reader.topic}:{reader.partition}")
             offsets.update(records[0].offset)
@@ -422,7 +428,9 @@ class ReadPartitionFn(beam.DoFn):
         if end is None or end > reader.position:
             tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
             return
-        idle_for = time.monotonic() - reader.last_record_at
+        # Another DoFn instance may have read this partition since this reader did.
+        last = max(reader.last_record_at, _LAST_RECORD_AT.get((self.read_id, reader.topic, reader.partition), 0.0))
+        idle_for = time.monotonic() - last
         if restriction.stop != UNBOUNDED or (self.config.idle_timeout_s is not None
                                              and idle_for >= self.config.idle_timeout_s):
             # Nothing more will come for this range: claim its end so it is
