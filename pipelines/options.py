@@ -15,6 +15,7 @@ merely being built.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import math
@@ -124,6 +125,22 @@ class AnalyticsOptions(PipelineOptions):
         if unknown:
             fail(f"--sinks: unknown sink(s) {', '.join(sorted(unknown))}; choose from redis, postgres, kafka, none")
         return chosen
+
+
+def help_if_asked(argv: Optional[list], prog: str, description: str, *option_classes) -> None:
+    """Answers -h/--help with every option of ``option_classes``, its default
+    and environment variable, then exits 0. (Beam's PipelineOptions(argv)
+    answers --help with a parser that knows none of them.)"""
+    args = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(args):
+        return
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Beam's own pipeline options (--runner, --prism_location, ...) are accepted too.")
+    for cls in option_classes:
+        cls._add_argparse_args(parser)
+    parser.print_help()
+    sys.exit(0)
 
 
 def use_local_runner(options: PipelineOptions, streaming: bool) -> None:

@@ -40,7 +40,7 @@ from apache_beam.runners.runner import PipelineState
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipelines.options import AnalyticsOptions, check_options, check_services, fail
+from pipelines.options import AnalyticsOptions, check_options, help_if_asked, check_services, fail
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
 from transforms.dataset import WriteTrainingDataset, arrange_partitions
@@ -204,6 +204,7 @@ def manifest(result, rng: ResolvedRange, ropts: ReplayOptions, seconds: float) -
 
 
 def run(argv: Optional[list[str]] = None) -> int:
+    help_if_asked(argv, "python -m pipelines.replay", __doc__.split("\n\n")[0], AnalyticsOptions, ReplayOptions)
     options = PipelineOptions(argv)
     check_options(options)
     opts, ropts = options.view_as(AnalyticsOptions), options.view_as(ReplayOptions)

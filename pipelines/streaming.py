@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from pipelines.options import AnalyticsOptions, check_options, check_services, fail, use_local_runner
+from pipelines.options import AnalyticsOptions, check_options, help_if_asked, check_services, fail, use_local_runner
 from transforms.aggregate import WindowedMetrics
 from transforms.decode import DecodeAndValidate
 from transforms.kafka_read import KafkaReadConfig, ReadEvents
@@ -109,6 +109,7 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
 
 
 def run(argv: Optional[list[str]] = None) -> int:
+    help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions)
     options = PipelineOptions(argv)
     check_options(options)
     opts = options.view_as(AnalyticsOptions)

@@ -159,3 +159,16 @@ def test_the_defaults_pass(clean_env):
     check_options(options)
     opts = options.view_as(AnalyticsOptions)
     assert (opts.batch_size, opts.window_sizes_s()) == (2000, (60, 300, 3600, 86400))
+
+
+@pytest.mark.parametrize("module,options", [
+    ("pipelines.streaming", ["--brokers", "--batch_size", "--allowed_lateness", "--until_idle", "--sink_retries"]),
+    ("pipelines.replay", ["--start", "--end", "--output", "--aggregates", "--postgres_dsn"]),
+])
+def test_help_lists_every_option_with_its_default(module, options):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0].rstrip(",") for line in proc.stdout.splitlines() if line.startswith("  --")}
+    assert set(options) <= listed, listed
+    assert "BATCH_SIZE" in proc.stdout and "(default:" in proc.stdout
