@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Callable, Iterable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
 from apache_beam import typehints
@@ -48,6 +48,9 @@ from schemas.wire import encode_avro, encode_json
 from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
 from transforms.validation import ErrorCode
+
+if TYPE_CHECKING:  # the sinks package imports this module
+    from transforms.sinks.resilience import SinkRetryConfig
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
 OVERALL_ENTITY = "all"
