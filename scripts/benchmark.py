@@ -1,6 +1,7 @@
 """Throughput and latency of the streaming job against a plain-Python baseline.
 
     python -m scripts.benchmark [--events 200000] [--latency-seconds 20] [--rate 2000] [--json PATH]
+    python -m scripts.benchmark --skip-sinks-off --skip-replay --skip-latency --drains 10 --load 2
 
 Everything runs on the local stack of scripts/stack.sh, isolated from demos and
 tests: its own topics (the real names plus a unique suffix, same partition
@@ -16,6 +17,13 @@ Redis database (flushed), all removed again at the end, also on failure.
    event time is the send time; a poller reads the 1-minute overall count in
    Redis every 50 ms, and each event's latency is the time from its send to the
    first poll at which its window's count covers it.
+
+``--drains N`` repeats 1b (all sinks) N times on the same produced events, each
+with a fresh consumer group and with window_metrics, window_ledger, raw_events
+and the Redis DB emptied first, and checks each against the baseline's fold
+(every overall window of every size in Postgres and in Redis); ``--load K``
+runs K busy-loop processes beside the drains (a loaded machine) and reports
+the load average during them.
 
 Figures and ratios are printed, never asserted: the numbers depend on the
 machine and on whatever else runs on it (the load average is reported).
@@ -122,7 +130,9 @@ class Isolated:
                 "group_id": group_id, "redis_url": self.redis_url, "postgres_dsn": self.dsn,
                 "window_sizes": ",".join(map(str, WINDOW_SIZES_S))}
         args.update(extra)
-        return [f"--{k}={v}" for k, v in args.items()]
+        return [f"--{k}={v}" for k, v in args.items()] + list(self.extra_job_args)
+
+    extra_job_args: tuple = ()  # --pipeline-arg: appended to every streaming job's arguments
 
     def close(self) -> list[str]:
         """Removes everything; returns the problems (cleanup never raises)."""
@@ -456,7 +466,8 @@ def pg_query(dsn: str, sql: str) -> list:
 
 def compare_with_baseline(dsn: str, redis_url: str, base: dict) -> dict:
     """Window by window, the pipeline's overall rows (Postgres, and Redis where they differ)
-    against the baseline's fold."""
+    against the baseline's fold. Redis is also checked for every window
+    (``redis_mismatched``)."""
     rows = pg_query(dsn, "SELECT window_seconds, (extract(epoch FROM window_start) * 1000)::bigint, metrics, "
                          "pane_timing, pane_index FROM window_metrics WHERE family = 'overall' AND entity_id = 'all'")
     got, panes = {}, {}
@@ -467,15 +478,34 @@ def compare_with_baseline(dsn: str, redis_url: str, base: dict) -> dict:
     extra = [k for k in got if k not in base]
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     labels = {60: "1m", 300: "5m", 3600: "1h", 86400: "1d"}
-    examples = []
-    for k in mismatched[:5]:
-        h = r.hgetall(f"analytics:{labels[k[0]]}:{k[1]}:overall:all")
-        in_redis = tuple(float(h.get(f, 0)) for f in _OVERALL_FIELDS) if h else None
-        examples.append(f"window {k[0]}s @ {k[1]} ({time.strftime('%H:%M:%S', time.localtime(k[1] / 1000))}): "
-                        f"baseline {base[k]}, postgres {got.get(k)} [{panes.get(k)}], redis {in_redis} "
-                        f"[{h.get('pane_timing')}#{h.get('pane_index')}]")
+    keys = sorted(base)
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.hgetall(f"analytics:{labels[k[0]]}:{k[1]}:overall:all")
+    in_redis = {}
+    for k, h in zip(keys, pipe.execute()):
+        in_redis[k] = (tuple(float(h.get(f, 0)) for f in _OVERALL_FIELDS) if h else None,
+                       f"{h.get('pane_timing')}#{h.get('pane_index')}")
+    redis_mismatched = [k for k in keys if in_redis[k][0] is None
+                        or any(abs(a - b) > 1e-6 for a, b in zip(base[k], in_redis[k][0]))]
+
+    def describe(k) -> str:
+        return (f"window {k[0]}s @ {k[1]} ({time.strftime('%H:%M:%S', time.localtime(k[1] / 1000))}): "
+                f"baseline {base[k]}, postgres {got.get(k)} [{panes.get(k)}], redis {in_redis[k][0]} "
+                f"[{in_redis[k][1]}]")
+
+    examples = [describe(k) for k in mismatched[:5]]
+    by_size = {labels.get(size, f"{size}s"): 0 for size in WINDOW_SIZES_S}
+    redis_by_size = dict(by_size)
+    for size, _ in mismatched:
+        by_size[labels.get(size, f"{size}s")] += 1
+    for size, _ in redis_mismatched:
+        redis_by_size[labels.get(size, f"{size}s")] += 1
     return {"fields": list(_OVERALL_FIELDS), "windows_baseline": len(base), "windows_pipeline": len(got),
-            "mismatched": len(mismatched), "only_in_pipeline": len(extra), "examples": examples}
+            "mismatched": len(mismatched), "only_in_pipeline": len(extra), "examples": examples,
+            "mismatched_by_size": by_size, "redis_mismatched": len(redis_mismatched),
+            "redis_mismatched_by_size": redis_by_size,
+            "mismatched_windows": [describe(k) for k in sorted(set(mismatched) | set(redis_mismatched))]}
 
 
 _OVERALL_FIELDS = ("events", "answers", "correct", "content_views", "ratings", "rating_sum")
@@ -510,6 +540,7 @@ def run_pipeline_throughput(iso: Isolated, n: int, label: str, timeout: float, s
            "leftover_processes": leftovers}
     if rc != 0 or hung:
         res["stderr_tail"] = tail(job.stderr(), 40)
+    res.update(prism_log_lines(job.stderr()))
     if watcher.first_commit:
         res["first_commit_after_s"] = round(watcher.first_commit - job.started, 2)
     if watcher.all_committed:
@@ -554,6 +585,208 @@ def run_pipeline_throughput(iso: Isolated, n: int, label: str, timeout: float, s
     res["wall_only_events_per_s"] = round(n / wall, 1)
     log(f"{label}: exit {rc} after {wall:.1f}s")
     return res
+
+
+def prism_log_lines(stderr: str, keep: int = 20) -> dict:
+    """Lines of the job's log (Prism's, relayed by the launcher) that mention 'split',
+    and the runner's own other warnings and errors (e.g. a failed bundle)."""
+    splits = [l for l in stderr.splitlines() if "split" in l.lower()]
+    problems = [l for l in stderr.splitlines()
+                if "PrismRunner" in l and (" WARNING " in l or " ERROR " in l) and "split" not in l.lower()
+                and "empty transform" not in l]  # graph notes at start-up, every run
+    kinds: dict[str, int] = {}
+    for l in splits:
+        msg = l.split("PrismRunner: ", 1)[-1].split(" (", 1)[0].split(". ", 1)[0][:80]
+        kinds[msg] = kinds.get(msg, 0) + 1
+    return {"prism_split_count": len(splits), "prism_split_kinds": kinds, "prism_split_lines": splits[:keep],
+            "prism_problem_count": len(problems), "prism_problem_lines": problems[:keep]}
+
+
+# --------------------------------------------------------------------------- drains under load
+
+class BusyLoad:
+    """``k`` processes that each spin a pure-Python ``while True`` loop, to load the
+    cores beside the drains. Each stops by itself after ``bound_s`` seconds (and
+    when this process dies: PR_SET_PDEATHSIG); ``stop`` ends each by its PID."""
+
+    CODE = ("import time\n"
+            "end = time.monotonic() + {bound}\n"
+            "n = 0\n"
+            "while True:\n"
+            "    n += 1\n"
+            "    if n % 100000 == 0 and time.monotonic() > end:\n"
+            "        break\n")
+
+    def __init__(self, k: int, bound_s: float):
+        self.k, self.bound_s = k, bound_s
+        self.procs: list[subprocess.Popen] = []
+
+    @staticmethod
+    def _die_with_parent() -> None:
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass  # the time bound still ends it
+
+    def start(self) -> list[int]:
+        code = self.CODE.format(bound=float(self.bound_s))
+        for _ in range(self.k):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               preexec_fn=self._die_with_parent))
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> list[int]:
+        """Ends every busy loop by its PID; returns the PIDs that were still running."""
+        running = [p for p in self.procs if p.poll() is None]
+        for p in running:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in running:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        return [p.pid for p in running]
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``interval`` seconds, with the time."""
+
+    def __init__(self, interval: float = 2.0):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.samples.append((time.time(), os.getloadavg()[0]))
+            self.stop.wait(self.interval)
+
+    def between(self, t0: float, t1: float) -> dict:
+        xs = [v for t, v in self.samples if t0 <= t <= t1]
+        if not xs:
+            return {}
+        return {"mean": round(statistics.fmean(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2),
+                "samples": len(xs)}
+
+
+_EMPTIED = ("window_metrics", "window_ledger", "raw_events")
+
+
+def empty_outputs(iso: Isolated) -> list[str]:
+    """Empties what a drain writes (the tables that exist yet, and the Redis DB), so
+    that no drain's check can be passed by an earlier drain's rows."""
+    conn = psycopg2.connect(iso.dsn, connect_timeout=10)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+                        (list(_EMPTIED),))
+            tables = [t for t, in cur.fetchall()]
+            if tables:
+                cur.execute(f"TRUNCATE {', '.join(tables)}")
+    finally:
+        conn.close()
+    redis.Redis.from_url(iso.redis_url).flushdb()
+    return tables
+
+
+def drain_exact(run: dict, check: Optional[dict]) -> bool:
+    return (run.get("exit_code") == 0 and not run.get("hung") and check is not None
+            and check["mismatched"] == 0 and check["only_in_pipeline"] == 0
+            and check.get("redis_mismatched", 0) == 0)
+
+
+def drain_line(d: dict) -> str:
+    c = d.get("check") or {}
+    by_size = " ".join(f"{k} {v}" for k, v in (c.get("mismatched_by_size") or {}).items())
+    redis_by_size = " ".join(f"{k} {v}" for k, v in (c.get("redis_mismatched_by_size") or {}).items())
+    load = d.get("loadavg_1m") or {}
+    verdict = "INTERRUPTED" if d.get("interrupted") else ("EXACT" if d.get("exact") else "NOT EXACT")
+    line = (f"drain {d['drain']:>2}/{d['of']}: {verdict}, "
+            f"{d.get('seconds', 0.0):.1f}s (job {fmt(d.get('wall_s'), 's')}), exit {d.get('exit_code')}{' (HUNG)' if d.get('hung') else ''}, "
+            f"{c.get('windows_baseline', 'n/a')} windows checked, {c.get('mismatched', 'n/a')} mismatched "
+            f"in Postgres ({by_size or 'n/a'}), {c.get('redis_mismatched', 'n/a')} in Redis "
+            f"({redis_by_size or 'n/a'}), {c.get('only_in_pipeline', 'n/a')} only in the pipeline; "
+            f"load 1m mean {load.get('mean', 'n/a')} max {load.get('max', 'n/a')}; "
+            f"Prism lines mentioning 'split': {d.get('prism_split_count', 0)}"
+            + (f" {d['prism_split_kinds']}" if d.get("prism_split_kinds") else ""))
+    if d.get("prism_problem_count"):
+        line += f", other Prism warnings/errors: {d['prism_problem_count']}"
+    if d.get("error"):
+        line += f"; error: {d['error']}"
+    return line
+
+
+def run_drains(iso: Isolated, n_events: int, drains: int, load: int, timeout: float,
+               base: dict, t: dict) -> None:
+    """``drains`` all-sinks drains of the produced events beside ``load`` busy loops;
+    fills t["drains"] and, from the first drain, t["pipeline_all_sinks"] and t["check"]."""
+    busy = BusyLoad(load, timeout * drains)
+    sampler = LoadSampler()
+    out: dict = {"drains": drains, "load_processes": load, "runs": []}
+    t["drains"] = out
+    sampler.start()
+    began = time.time()
+    out["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        if load:
+            out["load_pids"] = busy.start()
+            log(f"load: {load} busy-loop processes, pids {out['load_pids']} (each stops by itself "
+                f"after {timeout * drains:.0f}s)")
+        for i in range(1, drains + 1):
+            label = "pipeline, all sinks" if i == 1 else f"pipeline, all sinks, drain {i}"
+            d: dict = {"drain": i, "of": drains, "label": label}
+            out["runs"].append(d)
+            t0 = time.time()
+            d.update(seconds=0.0, exact=False, interrupted=True)  # until the drain has run
+            d["emptied"] = empty_outputs(iso)
+            try:
+                run = run_pipeline_throughput(iso, n_events, label, timeout, sinks_on=True)
+                if i == 1:
+                    t["pipeline_all_sinks"] = run
+                d.update(exit_code=run["exit_code"], hung=run["hung"], wall_s=run["wall_s"],
+                         prism_split_count=run.get("prism_split_count", 0),
+                         prism_split_kinds=run.get("prism_split_kinds", {}),
+                         prism_split_lines=run.get("prism_split_lines", []),
+                         prism_problem_count=run.get("prism_problem_count", 0),
+                         prism_problem_lines=run.get("prism_problem_lines", []),
+                         events_counted_per_window_size=run.get("events_counted_per_window_size"),
+                         archived=run.get("archived"))
+                if run.get("stderr_tail"):
+                    d["stderr_tail"] = run["stderr_tail"]
+                if run["exit_code"] == 0:
+                    d["check"] = compare_with_baseline(iso.dsn, iso.redis_url, base)
+                    if i == 1:
+                        t["check"] = d["check"]
+            except Exception as e:
+                d["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                t1 = time.time()
+                d["seconds"] = round(t1 - t0, 1)
+                d["loadavg_1m"] = sampler.between(t0, t1)
+            d["interrupted"] = False
+            d["exact"] = drain_exact(d, d.get("check"))
+            log(drain_line(d))
+            for line in d.get("prism_split_lines", [])[:3]:
+                log(f"  {line[:400]}")
+    finally:
+        stopped = busy.stop()
+        if load:
+            log(f"load: ended busy loops {stopped}")
+        sampler.stop.set()
+        out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        out["loadavg_1m_during"] = sampler.between(began, time.time())
+        out["exact"] = sum(1 for d in out["runs"] if d.get("exact"))
+        out["completed"] = sum(1 for d in out["runs"] if not d.get("interrupted"))
 
 
 # --------------------------------------------------------------------------- latency
@@ -892,6 +1125,23 @@ def print_report(rep: dict) -> None:
               f"{c['only_in_pipeline']} only in the pipeline")
             for e in c["examples"]:
                 p(f"  MISMATCH {e}")
+        dr = t.get("drains")
+        if dr:
+            p(f"\n-- drains: {dr['drains']} x 'pipeline, all sinks' on the same {t['events']:,} events, "
+              f"beside {dr['load_processes']} busy-loop processes")
+            p(f"load average (1, 5, 15 min) at the first drain {dr.get('loadavg_at_start')}, after the last "
+              f"{dr.get('loadavg_at_end')}; 1-minute load average during the drains: "
+              f"mean {dr.get('loadavg_1m_during', {}).get('mean', 'n/a')}, "
+              f"min {dr.get('loadavg_1m_during', {}).get('min', 'n/a')}, "
+              f"max {dr.get('loadavg_1m_during', {}).get('max', 'n/a')}")
+            for d in dr["runs"]:
+                p(drain_line(d))
+                for line in d.get("prism_split_lines", [])[:5]:
+                    p(f"    {line[:400]}")
+                for w in (d.get("check") or {}).get("mismatched_windows", [])[:10]:
+                    p(f"    MISMATCH {w}")
+            p(f"{dr['exact']} of {dr['drains']} drains exact"
+              + (f" ({dr['completed']} completed)" if dr["completed"] != dr["drains"] else ""))
         base = b.get("events_per_s")
         rows = [("baseline: plain loop (confluent_kafka + fastavro + dicts)", base),
                 ("pipeline, all sinks: end to end  N/(last agg - first read - idle)", a.get("end_to_end_events_per_s")),
@@ -973,11 +1223,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--latency-ready-sleep", type=float, default=0.0, metavar="S",
                     help="instead of warm-up traffic until a first pane shows in Redis, sleep S seconds "
                          "after starting the latency job")
+    ap.add_argument("--drains", type=int, default=1, metavar="N",
+                    help="run the 'pipeline, all sinks' drain N times on the same produced events, each "
+                         "with a fresh consumer group and with window_metrics, window_ledger, raw_events and "
+                         "the Redis DB emptied first, each checked against the baseline (default: %(default)s)")
+    ap.add_argument("--load", type=int, default=0, metavar="K",
+                    help="K busy-loop processes beside the drains, ended when they end (each stops by "
+                         "itself after --pipeline-timeout x --drains seconds); the load average during "
+                         "the drains is reported (default: %(default)s)")
+    ap.add_argument("--pipeline-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for every streaming job, repeatable, e.g. "
+                         "--pipeline-arg=--prism_log_level=debug (default: none)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-sinks-off", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-replay", action="store_true")
     a = ap.parse_args(argv)
+    if a.drains < 1 or a.load < 0:
+        ap.error("--drains must be at least 1 and --load at least 0")
 
     def on_term(signum, _frame):
         raise SystemExit(128 + signum)
@@ -988,6 +1251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         Job.log_dir = a.keep_logs
     began = time.time()
     iso = Isolated(a.brokers, a.redis_db)
+    iso.extra_job_args = tuple(a.pipeline_arg)
     rep: dict = {"command": " ".join(["python -m scripts.benchmark", *(argv or sys.argv[1:])]),
                  "environment": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                                  "python": sys.version.split()[0]},
@@ -1011,13 +1275,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             windows = base.pop("_windows")
             t["baseline"] = base
             log(f"baseline: {base['events']:,} events in {base['seconds']}s = {base['events_per_s']:,}/s")
-            try:
-                t["pipeline_all_sinks"] = run_pipeline_throughput(
-                    iso, a.events, "pipeline, all sinks", a.pipeline_timeout, sinks_on=True)
-                if t["pipeline_all_sinks"]["exit_code"] == 0:
-                    t["check"] = compare_with_baseline(iso.dsn, iso.redis_url, baseline_overall(windows))
-            except Exception as e:
-                rep["errors"].append(f"pipeline, all sinks: {type(e).__name__}: {e}")
+            if a.drains > 1 or a.load > 0:
+                run_drains(iso, a.events, a.drains, a.load, a.pipeline_timeout, baseline_overall(windows), t)
+            else:
+                try:
+                    t["pipeline_all_sinks"] = run_pipeline_throughput(
+                        iso, a.events, "pipeline, all sinks", a.pipeline_timeout, sinks_on=True)
+                    if t["pipeline_all_sinks"]["exit_code"] == 0:
+                        t["check"] = compare_with_baseline(iso.dsn, iso.redis_url, baseline_overall(windows))
+                except Exception as e:
+                    rep["errors"].append(f"pipeline, all sinks: {type(e).__name__}: {e}")
             del windows
             if not a.skip_sinks_off:
                 try:
