@@ -119,7 +119,10 @@ def run(argv: Optional[list[str]] = None) -> int:
     check_services(opts, redis_="redis" in sinks, postgres=True)  # Postgres holds the window ledger
     use_local_runner(options, streaming=True)
 
-    point = resume(opts)
+    try:
+        point = resume(opts)
+    except Exception as e:  # a service that went away since the checks, a dead-letter topic too long to read
+        fail(f"cannot resume the consumer group {opts.group_id}: {type(e).__name__}: {e}")
     seeds = point.seeds
     print(f"resuming {len(point.partitions)} partitions: {seeds.windows} open windows to seed from "
           f"{seeds.rows} ledger rows (ready in {seeds.seconds:.2f}s), {len(point.dead_lettered)} records "

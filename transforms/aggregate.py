@@ -278,6 +278,7 @@ class RejectLateEventsFn(beam.DoFn):
         self.lateness_ms = allowed_lateness_s * 1000
         self.dead_lettered = dead_lettered
         self.too_late = Metrics.counter("WindowedMetrics", "too_late_events")
+        self.decided = Metrics.counter("WindowedMetrics", "already_dead_lettered")
 
     def process(self, events: list[Event], ts=beam.DoFn.TimestampParam):
         horizon = ts.micros // 1000
@@ -289,7 +290,9 @@ class RejectLateEventsFn(beam.DoFn):
             return
         kept = []
         for e in events:
-            if e.event_time_ms >= oldest_allowed and (e.topic, e.partition, e.offset) not in self.dead_lettered:
+            if (e.topic, e.partition, e.offset) in self.dead_lettered:
+                self.decided.inc()  # its dead letter is on the topic already
+            elif e.event_time_ms >= oldest_allowed:
                 kept.append(e)
             else:
                 self.too_late.inc()

@@ -47,13 +47,14 @@ from apache_beam.pvalue import PCollection
 from apache_beam.runners.sdf_utils import RestrictionTrackerView
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from transforms.records import KafkaRecord
 
 LOG = logging.getLogger(__name__)
 UNBOUNDED = sys.maxsize
+IDLE_COMMIT_EVERY_S = 60.0  # an idle partition's offset is committed again this often
 
 
 # (read id, topic, partition) -> when a record last came, over every DoFn
@@ -162,10 +163,11 @@ def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
                     timeout_s: float = 10.0) -> list[PartitionSpec]:
     """Every partition of ``topics`` with its start offset resolved; raises on unknown topics.
 
-    With ``commit_offsets``, a partition whose start is not the group's
-    committed offset (none yet, ``--start_from``, or retention) gets it
-    committed now: a restart then resumes where this run began, and the
-    commit's time bounds what it looks back at (see PartitionSpec.since_ms).
+    A partition with a committed offset starts there (or at the log's start,
+    if retention deleted it); ``start_from`` applies to one without. With
+    ``commit_offsets``, a start that is not the committed offset is committed
+    now: a restart then resumes where this run began, and the commit's time
+    bounds what it looks back at (see PartitionSpec.since_ms).
     """
     consumer = config.consumer()
     try:
@@ -175,16 +177,14 @@ def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
         specs, to_commit = [], []
         for tp, c in zip(tps, committed):
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-            if config.start_from == "latest":
-                start = high
-            elif config.start_from == "committed" and c.offset >= 0:
-                start = max(c.offset, low)
+            if c.offset >= 0:
+                start = max(c.offset, low)  # retention may have deleted the committed records
             else:
-                start = low
-            since = _since_ms(c.metadata) if start == c.offset else None
-            if since is None:
-                since = now_ms
-                to_commit.append(TopicPartition(tp.topic, tp.partition, start, metadata=str(now_ms)))
+                start = high if config.start_from == "latest" else low
+            since = _since_ms(c.metadata) if c.offset >= 0 else None
+            if since is None or start != c.offset:
+                since = now_ms if since is None else since
+                to_commit.append(TopicPartition(tp.topic, tp.partition, start, metadata=str(since)))
             specs.append(PartitionSpec(tp.topic, tp.partition, start, since_ms=since))
         if to_commit and config.commit_offsets:
             consumer.commit(offsets=to_commit, asynchronous=False)
@@ -254,6 +254,7 @@ class _PartitionReader:
         self.last_idle_poll_at = -math.inf
         self.last_progress_at = time.monotonic()
         self.trouble = None  # the error of an ongoing broker outage, logged once
+        self.last_idle_commit_at = time.monotonic()
 
     def seek(self, offset: int) -> None:
         if offset != self.position:
@@ -364,11 +365,9 @@ class ReadPartitionFn(beam.DoFn):
             offsets = Metrics.distribution("ReadEvents", f"offsets:{reader.topic}:{reader.partition}")
             offsets.update(records[0].offset)
             offsets.update(records[-1].offset)
-            oldest = Timestamp.of(min(r.timestamp_ms for r in records) / 1000.0)
             newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             call.advance(newest - lag)
-            current = watermark.current_watermark()
-            yield TimestampedValue(records, oldest if current is None or oldest > current else current)
+            yield TimestampedValue(records, self._horizon(watermark))
             if bounded:
                 self._report_progress(reader, done=call.next_offset >= restriction.stop)
             if call.next_offset >= restriction.stop:
@@ -440,8 +439,29 @@ class ReadPartitionFn(beam.DoFn):
             return
         # Caught up: time passes without records, so the watermark follows the clock.
         reader.last_idle_poll_at = time.monotonic()
+        if reader.last_idle_poll_at - reader.last_idle_commit_at >= IDLE_COMMIT_EVERY_S:
+            # Commit the same offset again, with this call's time: a restart
+            # looks back at the dead-letter topic only to the oldest commit's
+            # time, and an idle partition must not hold that back for days.
+            # (Everything below the position is durable: the bundle that read
+            # up to it has finished.)
+            reader.last_idle_commit_at = reader.last_idle_poll_at
+            call.next_offset = reader.position
         call.advance(Timestamp.now() - Duration(seconds=self.config.max_out_of_orderness_s))
         tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
+
+    def _horizon(self, watermark: ManualWatermarkEstimator) -> Timestamp:
+        """A batch's timestamp: the read's watermark as far as this process
+        knows it (never behind what any partition reported, and never moving
+        back), or the minimum while it is unknown. Downstream, lateness is
+        judged against it (transforms.aggregate.RejectLateEventsFn) and the
+        window ledger records it, so it must not follow one batch's records: a
+        partition ahead of the others, or one record with a clock hours fast,
+        would make the others' events too late."""
+        shared = _PartitionWatermarks.current(self.read_id, self.partitions)
+        current = watermark.current_watermark()
+        known = [t for t in (shared, current) if t is not None]
+        return max(known) if known else MIN_TIMESTAMP
 
     def _report_watermark(self, watermark: ManualWatermarkEstimator) -> None:
         shared = _PartitionWatermarks.current(self.read_id, self.partitions)

@@ -48,7 +48,7 @@ Committed = dict
 # (window_seconds, window_start_ms) -> Partial ({family: {entity: [counters]}})
 WindowPartials = dict
 
-_LOCK = 4244  # pg_advisory_xact_lock id: one compaction at a time per database
+_LOCK = 4244  # pg_advisory_xact_lock class: one compaction at a time per consumer group
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def compact(ledger: WindowLedger, committed: Committed, finest_s: int, lateness_
     conn = conn or ledger.connect()
     try:
         with conn, conn.cursor() as cur:
-            if not _try_lock(cur):
+            if not _try_lock(cur, ledger.group_id):
                 return 0, 0
             _committed_table(cur, committed)
             cur.execute("""SELECT l.topic, l.partition, l.window_seconds, l.window_start_ms,
@@ -189,8 +189,8 @@ def _expire(cur, group_id: str, finest_s: int, lateness_ms: int) -> int:
     return cur.rowcount
 
 
-def _try_lock(cur) -> bool:
-    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK,))
+def _try_lock(cur, group_id: str) -> bool:
+    cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (_LOCK, group_id))
     return cur.fetchone()[0]
 
 
@@ -208,7 +208,7 @@ def prepare_resume(ledger: WindowLedger, committed: Committed, finest_s: int, la
     conn = ledger.connect()
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK, ledger.group_id))
             _committed_table(cur, committed)
             cur.execute("""DELETE FROM window_ledger l USING ledger_committed c
                            WHERE l.group_id = %s AND l.topic = c.topic AND l.partition = c.partition
