@@ -220,7 +220,9 @@ def run_trial(trial: Trial, args, rng: random.Random) -> None:
         produced = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(cfg)]
         deadline = time.monotonic() + args.trial_seconds
         sup = Supervisor(stack, until_idle=args.until_idle, deadline=deadline)
-        sender = threading.Thread(target=produce, args=(iter(produced), BROKERS, args.rate), daemon=True)
+        # The sender waits out a broker outage rather than give records up.
+        sender = threading.Thread(target=produce, args=(iter(produced), BROKERS, args.rate),
+                                  kwargs={"deliver_within_s": args.trial_seconds}, daemon=True)
         began = time.monotonic()
         sup.start()
         sender.start()

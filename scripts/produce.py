@@ -196,12 +196,15 @@ def generate(cfg: TrafficConfig) -> Iterator[Produced]:
 
 
 def produce(records: Iterator[Produced], brokers: str, rate: float = 0.0,
-            progress_every: int = 0) -> dict:
-    """Sends ``records`` (paced to ``rate`` per second when > 0); returns counts."""
+            progress_every: int = 0, deliver_within_s: float = 60.0) -> dict:
+    """Sends ``records`` (paced to ``rate`` per second when > 0); returns counts.
+    Raises if a record is not delivered within ``deliver_within_s`` (a broker
+    outage drill wants more than the default)."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 500000, "enable.idempotence": True})
+                         "queue.buffering.max.messages": 500000, "enable.idempotence": True,
+                         "message.timeout.ms": int(deliver_within_s * 1000)})
     failures: list[str] = []
 
     def on_delivery(err, _msg):
@@ -227,7 +230,7 @@ def produce(records: Iterator[Produced], brokers: str, rate: float = 0.0,
                 time.sleep(ahead)
         if progress_every and counts["sent"] % progress_every == 0:
             print(f"  produced {counts['sent']:,} records", file=sys.stderr)
-    remaining = producer.flush(60)
+    remaining = producer.flush(deliver_within_s)
     if remaining or failures:
         raise RuntimeError(f"{remaining} records undelivered, {len(failures)} failed: {failures[:3]}")
     counts["seconds"] = round(time.monotonic() - began, 2)
