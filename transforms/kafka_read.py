@@ -119,6 +119,10 @@ class KafkaReadConfig:
         conf = {"bootstrap.servers": self.brokers, "group.id": self.group_id,
                 "enable.auto.commit": False, "enable.auto.offset.store": False,
                 "enable.partition.eof": False, "fetch.wait.max.ms": 100,
+                # Never jump: a position the broker does not know (say, while
+                # it restarts) is an error the reader waits out and reads
+                # again from, not a silent reset to the end of the log.
+                "auto.offset.reset": "error",
                 "queued.min.messages": max(10000, self.batch_size * 2)}
         conf.update(self.consumer_config)
         return Consumer(conf)
@@ -255,6 +259,9 @@ class _PartitionReader:
         self.last_progress_at = time.monotonic()
         self.trouble = None  # the error of an ongoing broker outage, logged once
         self.last_idle_commit_at = time.monotonic()
+
+    def reassign(self) -> None:
+        self.consumer.assign([TopicPartition(self.topic, self.partition, self.position)])
 
     def seek(self, offset: int) -> None:
         if offset != self.position:
@@ -398,8 +405,11 @@ class ReadPartitionFn(beam.DoFn):
                 if err.fatal():
                     raise KafkaException(err)
                 # A broker restarting or away (transport errors, unknown
-                # partition while its leader is elected): wait, never fail.
+                # partition while its leader is elected, a position it does not
+                # know yet): wait, and fetch again from where we are.
                 reader.broker_trouble(err)
+                if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                    reader.reassign()
                 continue
             if m.offset() >= stop:
                 break
