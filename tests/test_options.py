@@ -172,3 +172,18 @@ def test_help_lists_every_option_with_its_default(module, options):
     listed = {line.split()[0].rstrip(",") for line in proc.stdout.splitlines() if line.startswith("  --")}
     assert set(options) <= listed, listed
     assert "BATCH_SIZE" in proc.stdout and "(default:" in proc.stdout
+
+
+def test_the_local_runner_does_not_split_bundles():
+    """Prism 2.77 loses a stateful step's updates when it splits its bundles
+    (see use_local_runner); the job must always run Prism with splits off."""
+    from apache_beam.options.pipeline_options import DebugOptions, StandardOptions
+
+    from pipelines.options import PRISM_NO_SPLITS, use_local_runner
+    prism = os.path.join(REPO, ".stack", "bin", "prism")
+    if not os.path.exists(prism):
+        pytest.skip("no Prism binary (scripts/stack.sh up builds it)")
+    options = PipelineOptions([f"--prism_path={prism}"])
+    use_local_runner(options, streaming=True)
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+    assert PRISM_NO_SPLITS in options.view_as(DebugOptions).experiments

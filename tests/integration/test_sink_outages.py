@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -57,15 +58,14 @@ def stack_sh(*args: str, timeout: float = 120) -> str:
 
 
 def free_port(span: int = 1) -> int:
-    """A loopback port with the ``span - 1`` ports above it free as well."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span > 65535:
-            continue
+    """A loopback port, with the ``span - 1`` ports above it, free now and below
+    the kernel's ephemeral range: a port the kernel hands to client sockets
+    (as bind(0) does) may be taken again by one before the server binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000 - span)
         try:
-            for p in range(port + 1, port + span):
+            for p in range(port, port + span):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
         except OSError:
