@@ -11,10 +11,10 @@ holding those records were written. The ledger closes that gap:
   i.e. after every step fused with it (this fold, the archive, the dead-letter
   producer) finished the bundle. So a committed offset ``c`` means: every
   record below ``c`` is in the ledger, the archive or the dead-letter topic.
-- At start-up, :func:`load_seeds` drops the rows at or above the committed
-  offsets (those records are read again), merges the rest per window and
-  hands the totals to :class:`~transforms.aggregate.AccumulatePanes`, which
-  starts each window from its seed. Every window total is then the seed
+- At start-up, :func:`prepare_resume` drops the rows at or above the committed
+  offsets (those records are read again) and compacts the rest; the job reads
+  them back with :func:`read_seeds`, merged per window, and
+  :class:`~transforms.aggregate.AccumulatePanes` starts each window from its seed. Every window total is then the seed
   (records below ``c``) plus what the new run reads (records from ``c``):
   nothing lost, nothing counted twice, whatever moment the old run died at.
 
@@ -26,8 +26,9 @@ number of open windows and entities, not with the traffic since the last one.
 Setup::
 
     ledger = WindowLedger(dsn, group_id="learning-analytics")
-    seeds = load_seeds(ledger, committed={("learning.events.v1", 0): 1200, ...},
-                       finest_s=60, lateness_ms=...)
+    committed = {("learning.events.v1", 0): 1200, ...}
+    prepare_resume(ledger, committed, finest_s=60, lateness_ms=3_600_000)   # the launcher
+    for (size_s, start_ms), partial in read_seeds(ledger, committed): ...   # the job
 """
 from __future__ import annotations
 
