@@ -176,7 +176,7 @@ def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
     consumer = config.consumer()
     try:
         tps = topic_partitions(consumer, topics, timeout_s)
-        committed = consumer.committed(tps, timeout=timeout_s)
+        committed = _committed(consumer, tps, timeout_s)
         now_ms = int(time.time() * 1000)
         specs, to_commit = [], []
         for tp, c in zip(tps, committed):
@@ -195,6 +195,27 @@ def list_partitions(config: KafkaReadConfig, topics: Iterable[str],
         return specs
     finally:
         consumer.close()
+
+
+_COORDINATOR_NOT_READY = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                          KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT, KafkaError._TRANSPORT}
+
+
+def _committed(consumer: Consumer, tps: list[TopicPartition], timeout_s: float) -> list[TopicPartition]:
+    """The group's committed offsets, asked again while the broker answers that
+    its group coordinator is not ready (a broker that just started is loading
+    its offsets topic: NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS)."""
+    deadline = time.monotonic() + max(timeout_s, 30.0)
+    while True:
+        try:
+            return consumer.committed(tps, timeout=timeout_s)
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            if not isinstance(err, KafkaError) or time.monotonic() > deadline or not (
+                    err.retriable() or err.code() in _COORDINATOR_NOT_READY):
+                raise
+            LOG.info("committed offsets not available yet (%s); asking again", err.str())
+            time.sleep(1.0)
 
 
 def _since_ms(metadata: Optional[str]) -> Optional[int]:
