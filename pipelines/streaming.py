@@ -71,7 +71,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     windowed = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
         allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
-        expire_state=until_idle is None, ledger=WindowLedger(opts.postgres_dsn, opts.group_id),
+        expire_state=until_idle is None, ledger=point.ledger,
         seeds=point.read_seeds(), dead_lettered=point.dead_lettered, retry=retry)
     # Each dead-letter stream gets its own producer step rather than a Flatten,
     # so that both stay fused with the reader: its offsets are committed only
@@ -131,8 +131,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     build(p, opts, point)
     began = time.monotonic()
     result = p.run()
-    compactor = LedgerCompactor(read_config(opts), point.partitions,
-                                WindowLedger(opts.postgres_dsn, opts.group_id),
+    compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
     compactor.start()
 
