@@ -66,8 +66,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     decoded = (p | "ReadEvents" >> ReadEvents(read_config(opts), partitions=point.partitions)
                | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
     retry = opts.sink_retry_config()
-    if opts.archive == "true":
-        decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
+    refused = (decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
+               if opts.archive == "true" else None)
     windowed = decoded.events | "WindowedMetrics" >> WindowedMetrics(
         opts.window_sizes_s(), early_firing_s=opts.early_firing,
         allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
@@ -76,8 +76,10 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     # Each dead-letter stream gets its own producer step rather than a Flatten,
     # so that both stay fused with the reader: its offsets are committed only
     # once their bundle's dead letters are flushed.
-    for label, letters in (("", decoded.dead_letters), ("TooLate", windowed.too_late),
-                           ("FoldErrors", windowed.fold_errors)):
+    streams = [("", decoded.dead_letters), ("TooLate", windowed.too_late), ("FoldErrors", windowed.fold_errors)]
+    if refused is not None:
+        streams.append(("ArchiveErrors", refused))
+    for label, letters in streams:
         (letters | f"SkipPublished{label}" >> SkipPublishedDeadLetters(point.dead_lettered)
          | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic, retry))
     sinks = opts.sink_set()

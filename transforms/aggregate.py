@@ -43,8 +43,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas import default_registry
-from schemas.wire import encode_avro, encode_json
+from transforms.dead_letters import event_dead_letter
 from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
 from transforms.validation import ErrorCode
@@ -306,27 +305,6 @@ class RejectLateEventsFn(beam.DoFn):
             f"occurred_at {_iso(e.event_time_ms)} is too late: its window closed at {_iso(closed)} and "
             f"the allowed lateness ({self.lateness_ms // 1000}s) had passed when it was read (watermark "
             f"{_iso(horizon)}); it is in raw_events, and a replay or a larger --allowed_lateness counts it"))
-
-
-def event_dead_letter(e: Event, code: str, message: str) -> DeadLetter:
-    """A dead letter for a valid event the windows refused; its raw bytes are
-    the event re-encoded, as the record's own bytes are gone by then."""
-    return DeadLetter(
-        source_topic=e.topic, source_partition=e.partition, source_offset=e.offset, error_code=code,
-        error_message=message, raw_bytes=_reencoded(e), correlation_id=e.fields.get("correlation_id"),
-        event_type=e.event_type, failed_at=int(time.time() * 1000))
-
-
-def _reencoded(e: Event) -> bytes:
-    """Avro with the subject's newest schema; JSON, or the fields' repr, for an
-    event that no longer fits it (building a dead letter must not fail)."""
-    try:
-        return encode_avro(default_registry().latest(e.event_type), e.fields)
-    except Exception:
-        try:
-            return encode_json(e.event_type, e.fields)
-        except Exception:
-            return repr(e.fields).encode("utf-8", "backslashreplace")
 
 
 class RejectLateEvents(beam.PTransform):

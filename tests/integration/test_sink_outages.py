@@ -315,7 +315,7 @@ def test_the_archive_redoes_a_failed_copy_on_a_new_connection(private_postgres, 
     first = [event("question_answered", answer(BASE_MS + i * 1000, user=f"u{i % 7}")) for i in range(500)]
     fn.process(first[:250])
     fn.process(first[250:])
-    fn.finish_bundle()
+    assert list(fn.finish_bundle()) == []
     # While Postgres is away: re-delivered events (ignored), new ones, and a new day (a new partition).
     second = first[400:] + [event("question_answered", answer(BASE_MS + 86_400_000 + i * 1000, user=f"v{i}"))
                             for i in range(300)]
@@ -323,7 +323,7 @@ def test_the_archive_redoes_a_failed_copy_on_a_new_connection(private_postgres, 
     with private_postgres.outage():
         fn.process(second[:200])
         fn.process(second[200:])
-        within(60, fn.finish_bundle)      # waits for the writer: the bundle is not done before
+        within(60, lambda: list(fn.finish_bundle()))  # waits for the writer: the bundle is not done before
     waited = time.monotonic() - began
     fn.teardown()
 

@@ -21,21 +21,28 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import psycopg2
 import psycopg2.errors
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from psycopg2.extras import execute_values
 
 from transforms.aggregate import WindowAggregate
+from transforms.dead_letters import event_dead_letter
 from transforms.records import Event
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
+from transforms.validation import ErrorCode
+
+LOG = logging.getLogger(__name__)
 
 _NULL = "\\N"  # COPY's NULL marker; an empty string stays an empty string
 _COLUMNS = ("event_id", "occurred_at", "event_type", "user_id", "correlation_id", "schema_id",
@@ -50,6 +57,8 @@ def connect(dsn: str):
 
 # Errors that mean "Postgres is not there" (refused, lost, AdminShutdown, starting up).
 TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# Errors that mean "Postgres cannot store this data": retrying would fail the same way.
+REFUSED = (psycopg2.DataError, psycopg2.IntegrityError)
 
 
 def sink_connect(dsn: str, retry: SinkRetryConfig):
@@ -153,6 +162,7 @@ class _ArchiveWriter(threading.Thread):
         self.jobs: queue.Queue = queue.Queue(maxsize=4)
         self.partitions: set = set()
         self.inserted = self.offered = 0
+        self.rejected: list = []  # (Event, its error, the batch's timestamp and window)
         self.error: Optional[BaseException] = None
 
     def run(self):
@@ -162,7 +172,8 @@ class _ArchiveWriter(threading.Thread):
                 if job is None:
                     return
                 if self.error is None:
-                    self.breaker.call(lambda: self._write(*job), reset=self._reset)
+                    rejected = self.breaker.call(lambda: self._write(job), reset=self._reset)
+                    self.rejected.extend(rejected)
             except BaseException as e:  # handed to the bundle in finish_bundle
                 self.error = e
             finally:
@@ -184,8 +195,34 @@ class _ArchiveWriter(threading.Thread):
         conn, self.conn = self.conn, None
         _close_quietly(conn)
 
-    def _write(self, text: str, days: set, count: int) -> None:
-        """One batch in one transaction: partitions, COPY to staging, move. Redone whole on a retry."""
+    def _write(self, batch: "_Batch") -> list:
+        """One batch in one transaction; returns what Postgres refused (usually nothing).
+
+        Redone whole on a retry (a redone move inserts nothing twice). When
+        Postgres refuses the data itself (a DataError or IntegrityError: a
+        value it cannot store, which validation should have caught), the batch
+        is written again one event per transaction, so that only the events it
+        refuses are left out, each to become a dead letter.
+        """
+        try:
+            self._copy(batch.text, batch.days)
+        except REFUSED:
+            return self._write_each(batch)
+        self.offered += len(batch.events)
+        return []
+
+    def _write_each(self, batch: "_Batch") -> list:
+        refused = []
+        for event in batch.events:
+            try:
+                self._copy(copy_rows([event]), {event.event_time_ms // 86_400_000})
+            except REFUSED as e:
+                refused.append((event, e, batch.timestamp, batch.window))
+        self.offered += len(batch.events) - len(refused)
+        return refused
+
+    def _copy(self, text: str, days: set) -> None:
+        """COPY ``text`` to staging and move it into raw_events, in one transaction."""
         conn = self._connection()
         with conn, conn.cursor() as cur:
             for day in sorted(days - self.partitions):
@@ -201,15 +238,15 @@ class _ArchiveWriter(threading.Thread):
             inserted = cur.rowcount
         self.inserted += inserted   # only once committed
         self.partitions |= days
-        self.offered += count
 
-    def drain(self) -> tuple[int, int]:
-        """Waits for every queued write; returns (inserted, offered) since the last drain."""
+    def drain(self) -> tuple[int, int, list]:
+        """Waits for every queued write; returns (inserted, offered, refused) since the last drain."""
         self.jobs.join()
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        counts, self.inserted, self.offered = (self.inserted, self.offered), 0, 0
+        counts = (self.inserted, self.offered, self.rejected)
+        self.inserted, self.offered, self.rejected = 0, 0, []
         return counts
 
     def close(self) -> None:
@@ -219,14 +256,26 @@ class _ArchiveWriter(threading.Thread):
             self._reset()
 
 
+class _Batch(NamedTuple):
+    """One input batch as the writer thread needs it."""
+    text: str            # the events in COPY's format, built on the bundle's thread
+    days: set            # their days since 1970, for the daily partitions
+    events: list         # the Events, for writing them one by one if Postgres refuses the batch
+    timestamp: Timestamp
+    window: object
+
+
 class ArchiveRawEventsFn(beam.DoFn):
-    """Input: a list of Events. Writes them to ``raw_events``; outputs nothing."""
+    """Input: a list of Events. Writes them to ``raw_events``. Output: a
+    PROCESSING_ERROR DeadLetter for each event Postgres refuses to store
+    (none, as long as validation knows Postgres's rules)."""
 
     def __init__(self, dsn: str, retry: Optional[SinkRetryConfig] = None):
         self.dsn = dsn
         self.retry = retry or SinkRetryConfig()
         self.archived = Metrics.counter("ArchiveRawEvents", "events_archived")
         self.duplicates = Metrics.counter("ArchiveRawEvents", "duplicates_ignored")
+        self.refused = Metrics.counter("ArchiveRawEvents", "events_refused")
         self.counters = BreakerCounters("ArchiveRawEvents")
 
     def setup(self):
@@ -239,22 +288,30 @@ class ArchiveRawEventsFn(beam.DoFn):
         if getattr(self, "writer", None) is not None:
             self.writer.close()
 
-    def process(self, events: list[Event]):
+    def process(self, events: list[Event], timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         days = {e.event_time_ms // 86_400_000 for e in events}
-        self.writer.jobs.put((copy_rows(events), days, len(events)))
+        self.writer.jobs.put(_Batch(copy_rows(events), days, events, timestamp, window))
         return ()
 
     def finish_bundle(self):
         try:
-            inserted, offered = self.writer.drain()
+            inserted, offered, refused = self.writer.drain()
         finally:
             self.counters.report(self.writer.breaker)
         self.archived.inc(inserted)
         self.duplicates.inc(offered - inserted)
+        for event, error, timestamp, window in refused:
+            self.refused.inc()
+            LOG.warning("raw_events refused %s:%d:%d: %s", event.topic, event.partition, event.offset, error)
+            yield WindowedValue(event_dead_letter(
+                event, ErrorCode.PROCESSING_ERROR,
+                f"Postgres refused to archive it ({type(error).__name__}: {str(error).strip()[:300]}); "
+                "it is counted in the windows but not in raw_events"), timestamp, [window])
 
 
 class ArchiveRawEvents(beam.PTransform):
-    """Batches of Events -> (nothing): every valid event lands once in ``raw_events``."""
+    """Batches of Events -> PROCESSING_ERROR DeadLetters of the events Postgres
+    refused; every other valid event lands once in ``raw_events``."""
 
     def __init__(self, dsn: str, retry: Optional[SinkRetryConfig] = None):
         super().__init__()
