@@ -31,10 +31,11 @@ import redis.connection
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PrismRunnerOptions, StandardOptions
 from confluent_kafka import Consumer, KafkaException
 
+from schemas.settings import WINDOW_SIZES_S, setting
+from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
 from transforms.sinks.resilience import SinkRetryConfig
 
 PRISM_NO_SPLITS = "prism_disable_sdf_split"  # see use_local_runner
-EVENT_TOPICS = "learning.events.v1,content.events.v1,engagement.events.v1"
 DEFAULT_PRISM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              ".stack", "bin", "prism")
 
@@ -61,7 +62,7 @@ def default_window_sizes() -> str:
     Never raises: a WINDOW_SIZE_MS that is not a positive multiple of 1000 is
     left out here and refused by :func:`check_options`, which can name it.
     """
-    sizes = [60, 300, 3600, 86400]
+    sizes = list(WINDOW_SIZES_S)
     ms = _lenient(int)(os.environ.get("WINDOW_SIZE_MS") or "")
     if isinstance(ms, int) and ms > 0 and ms % 1000 == 0:
         sizes[0] = ms // 1000
@@ -72,19 +73,19 @@ class AnalyticsOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         g = parser.add_argument_group("learning analytics")
-        g.add_argument("--brokers", default=_env("KAFKA_BROKERS", "127.0.0.1:9092"),
+        g.add_argument("--brokers", default=setting("KAFKA_BROKERS"),
                        help="Kafka bootstrap servers [KAFKA_BROKERS]")
-        g.add_argument("--topics", default=EVENT_TOPICS, help="comma-separated event topics")
-        g.add_argument("--dlq_topic", default="analytics.dlq.v1")
-        g.add_argument("--aggregates_topic", default="analytics.aggregated.v1")
-        g.add_argument("--group_id", default=_env("ANALYTICS_GROUP_ID", "learning-analytics"),
+        g.add_argument("--topics", default=",".join(EVENT_TOPICS), help="comma-separated event topics")
+        g.add_argument("--dlq_topic", default=DLQ_TOPIC, help="where dead letters are published")
+        g.add_argument("--aggregates_topic", default=AGGREGATES_TOPIC,
+                       help="where the Kafka sink publishes window aggregates")
+        g.add_argument("--group_id", default=setting("ANALYTICS_GROUP_ID"),
                        help="Kafka consumer group whose offsets are committed [ANALYTICS_GROUP_ID]")
-        g.add_argument("--redis_url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
-                       help="[REDIS_URL]")
-        g.add_argument("--postgres_dsn",
-                       default=_env("POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics"),
-                       help="[POSTGRES_DSN]")
-        g.add_argument("--batch_size", type=_lenient(int), default=_env("BATCH_SIZE", "2000"),
+        g.add_argument("--redis_url", default=setting("REDIS_URL"),
+                       help="Redis for the real-time values [REDIS_URL]")
+        g.add_argument("--postgres_dsn", default=setting("POSTGRES_DSN"),
+                       help="Postgres for the archive, the window ledger and window_metrics [POSTGRES_DSN]")
+        g.add_argument("--batch_size", type=_lenient(int), default=setting("BATCH_SIZE"),
                        help="most records per Kafka poll, the unit of work [BATCH_SIZE]")
         g.add_argument("--window_sizes", default=default_window_sizes(),
                        help="comma-separated window sizes in seconds [WINDOW_SIZE_MS replaces the first]")

@@ -41,6 +41,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipelines.options import AnalyticsOptions, check_options, help_if_asked, check_services, fail
+from schemas.settings import parse_instant
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
 from transforms.dataset import WriteTrainingDataset, arrange_partitions
@@ -74,12 +75,9 @@ class ReplayOptions(PipelineOptions):
 
 def _millis(text: str, name: str) -> int:
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"--{name} '{text}' is not an ISO-8601 time")
-    if dt.tzinfo is None:
-        fail(f"--{name} '{text}' has no time zone; add Z or an offset")
-    return int(dt.timestamp() * 1000)
+        return int(parse_instant(text).timestamp() * 1000)
+    except ValueError as e:
+        fail(f"--{name} {e}")
 
 
 def resolve(opts: AnalyticsOptions, ropts: ReplayOptions) -> tuple[ResolvedRange, Optional[tuple[int, int]]]:

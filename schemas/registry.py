@@ -66,10 +66,6 @@ class RegisteredSchema:
     raw: dict = field(repr=False, hash=False, compare=False)
     parsed: Any = field(repr=False, hash=False, compare=False)
 
-    @property
-    def field_names(self) -> list[str]:
-        return [f["name"] for f in self.raw["fields"]]
-
 
 def _parse(raw: dict) -> Any:
     # parse_schema mutates nothing, but it caches named types per call; a fresh

@@ -13,7 +13,7 @@ from typing import Any
 
 import fastavro
 
-from schemas.registry import RegisteredSchema
+from schemas.registry import RegisteredSchema, SchemaRegistry, default_registry
 
 MAGIC_BYTE = 0
 HEADER = struct.Struct(">bI")
@@ -49,3 +49,49 @@ def encode_avro(entry: RegisteredSchema, record: dict, parsed: Any = None) -> by
 
 def encode_json(event_type: str, record: dict) -> bytes:
     return json.dumps(dict(record, event_type=event_type), separators=(",", ":")).encode()
+
+
+def schema_id_of(value: bytes) -> int | None:
+    """The schema id of Confluent-framed Avro, or None when ``value`` is not framed so."""
+    if not value or len(value) < HEADER.size or value[0] != MAGIC_BYTE:
+        return None
+    return HEADER.unpack_from(value)[1]
+
+
+def decode_avro(value: bytes, registry: SchemaRegistry | None = None) -> tuple[RegisteredSchema, dict]:
+    """Confluent-framed Avro -> (its writer schema, the record with timestamps as millis).
+
+    Raises ValueError when ``value`` is not framed Avro, UnknownSchemaError for
+    an id the registry does not hold, and fastavro's errors for a corrupt body.
+    For records the project wrote itself (dead letters, aggregates); events
+    are decoded and validated by transforms/validation.py.
+    """
+    schema_id = schema_id_of(value)
+    if schema_id is None:
+        raise ValueError("not Confluent-framed Avro (no magic byte 0 and 4-byte schema id)")
+    writer = (registry or default_registry()).by_id(schema_id)
+    return writer, fastavro.schemaless_reader(io.BytesIO(value[HEADER.size:]), _plain(writer))
+
+
+_PLAIN: dict = {}
+
+
+def _plain(entry: RegisteredSchema):
+    parsed = _PLAIN.get(entry.schema_id)
+    if parsed is None:
+        parsed = _PLAIN[entry.schema_id] = plain_parsed(entry)
+    return parsed
+
+
+def produce_waiting(producer, topic: str, value: bytes, key: bytes | None = None, **kwargs) -> None:
+    """``producer.produce(...)``, waiting while the client's local queue is full.
+
+    confluent-kafka raises BufferError instead of blocking; serving delivery
+    reports (poll) is what frees the queue. ``kwargs`` go to ``produce``.
+    """
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)

@@ -3,7 +3,8 @@
 
 Usage: create_topics.py [name:partitions ...]
 
-Bootstrap servers come from $KAFKA_BROKERS (default 127.0.0.1:9092). Topics that
+Bootstrap servers come from $KAFKA_BROKERS (default 127.0.0.1:9092). The topics
+and their partition counts are schemas/topics.py's. Topics that
 already exist are left alone (their partition count is reported, not changed).
 Extra name:partitions arguments are created in addition to the defaults.
 """
@@ -11,16 +12,13 @@ import logging
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file by stack.sh
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-DEFAULT_TOPICS = {
-    "learning.events.v1": 6,
-    "content.events.v1": 3,
-    "engagement.events.v1": 3,
-    "analytics.dlq.v1": 1,
-    "analytics.aggregated.v1": 3,
-}
+from schemas.settings import setting  # noqa: E402  (after the path line)
+from schemas.topics import PARTITIONS  # noqa: E402
 REPLICATION_FACTOR = 1  # single-node local broker
 
 
@@ -35,8 +33,11 @@ def parse_extra(args):
 
 
 def main(argv):
-    brokers = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
-    wanted = dict(DEFAULT_TOPICS)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    brokers = setting("KAFKA_BROKERS")
+    wanted = dict(PARTITIONS)
     wanted.update(parse_extra(argv))
 
     # librdkafka logs every failed reconnect to stderr; our own error message is enough.

@@ -13,7 +13,7 @@ python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "== starting the local stack"
 scripts/stack.sh up
 echo "== producing $EVENTS events over ${SPAN_SECONDS}s of event time"
-python3 -m scripts.produce --events "$EVENTS" --span-seconds "$SPAN_SECONDS" --malformed-fraction 0.02
+python3 -m scripts.produce --events "$EVENTS" --span_seconds "$SPAN_SECONDS" --malformed_fraction 0.02
 echo "== running the streaming job until the topics are idle for 5 s"
 python3 -m pipelines.streaming --until_idle 5
 echo "== what landed"

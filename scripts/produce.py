@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 from schemas import default_registry
-from schemas.wire import encode_avro, encode_json, frame, plain_parsed
-
-LEARNING, CONTENT, ENGAGEMENT = "learning.events.v1", "content.events.v1", "engagement.events.v1"
-
+from schemas.settings import setting
+from schemas.wire import encode_avro, encode_json, frame, plain_parsed, produce_waiting
 
 @dataclass
 class TrafficConfig:
@@ -214,13 +212,8 @@ def produce(records: Iterator[Produced], brokers: str, rate: float = 0.0,
     counts = {"sent": 0, "valid": 0, "malformed": 0}
     began = time.monotonic()
     for r in records:
-        while True:
-            try:
-                producer.produce(r.topic, r.value, r.key, timestamp=r.timestamp_ms, headers=r.headers,
-                                 on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, r.topic, r.value, r.key, timestamp=r.timestamp_ms, headers=r.headers,
+                        on_delivery=on_delivery)
         producer.poll(0)
         counts["sent"] += 1
         counts["malformed" if r.error_code else "valid"] += 1
@@ -238,18 +231,23 @@ def produce(records: Iterator[Produced], brokers: str, rate: float = 0.0,
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import os
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--brokers", default=os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092"))
-    ap.add_argument("--events", type=int, default=10000)
+    ap = argparse.ArgumentParser(prog="python -m scripts.produce", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Beam's spelling (underscores), as every command; the hyphenated forms of
+    # earlier releases are still accepted.
+    ap.add_argument("--brokers", default=setting("KAFKA_BROKERS"), help="Kafka bootstrap servers [KAFKA_BROKERS]")
+    ap.add_argument("--events", type=int, default=10000, help="how many records to send")
     ap.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible")
-    ap.add_argument("--span-seconds", type=float, default=600.0, help="event-time span, ending now")
-    ap.add_argument("--users", type=int, default=200)
-    ap.add_argument("--concepts", type=int, default=40)
-    ap.add_argument("--content-items", type=int, default=150)
-    ap.add_argument("--malformed-fraction", type=float, default=0.02)
-    ap.add_argument("--json-fraction", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--span_seconds", "--span-seconds", type=float, default=600.0,
+                    help="event-time span, ending now")
+    ap.add_argument("--users", type=int, default=200, help="distinct students")
+    ap.add_argument("--concepts", type=int, default=40, help="distinct concepts questions are about")
+    ap.add_argument("--content_items", "--content-items", type=int, default=150, help="distinct content items")
+    ap.add_argument("--malformed_fraction", "--malformed-fraction", type=float, default=0.02,
+                    help="share of records that are bad in one of a dozen ways")
+    ap.add_argument("--json_fraction", "--json-fraction", type=float, default=0.1,
+                    help="share of valid events sent as JSON rather than Avro")
+    ap.add_argument("--seed", type=int, default=7, help="random seed: the same seed sends the same stream")
     a = ap.parse_args(argv)
     cfg = TrafficConfig(events=a.events, users=a.users, concepts=a.concepts, content_items=a.content_items,
                         span_seconds=a.span_seconds, malformed_fraction=a.malformed_fraction,

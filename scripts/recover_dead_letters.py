@@ -41,8 +41,6 @@ error code, Kafka or Postgres unreachable) with one ``error:`` line.
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import re
 import sys
 import time
@@ -52,20 +50,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator, NamedTuple, NoReturn, Optional
 
-import fastavro
 import psycopg2
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from psycopg2.extras import execute_values
 
-from schemas import default_registry
-from schemas.registry import SCHEMA_DIR
-from schemas.wire import plain_parsed
+from schemas.error_codes import ErrorCode
+from schemas.postgres import apply_schema
+from schemas.settings import parse_instant, setting
+from schemas.wire import decode_avro, produce_waiting, schema_id_of
 from transforms.records import DeadLetter
-from transforms.validation import ErrorCode
 
 LEDGER = "dead_letter_recoveries"
 CHUNK = 500  # dead letters claimed, produced and confirmed together: bounds what a crash leaves unconfirmed
-LOCAL_DSN = "postgresql://analytics:analytics@127.0.0.1:5432/analytics"
 KNOWN_CODES = sorted(v for k, v in vars(ErrorCode).items() if k.isupper())
 
 
@@ -119,14 +115,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_time(text: str) -> int:
-    """ISO 8601 to epoch millis; a time without a zone is UTC."""
+    """ISO 8601 with a zone to epoch millis (schemas.settings.parse_instant's rule)."""
     try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadRequest(f"not an ISO 8601 time: {text!r} (e.g. 2026-05-04T08:00:00Z)") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return int(t.timestamp() * 1000)
+        return int(parse_instant(text).timestamp() * 1000)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def iso(ms: int) -> str:
@@ -140,10 +133,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--error-code", "--error_code", dest="codes", action="extend", nargs="+", default=[],
                     metavar="CODE", help="recover only these codes (repeatable); default all")
     ap.add_argument("--dlq_topic", "--dlq-topic", default="analytics.dlq.v1")
-    ap.add_argument("--brokers", default=os.environ.get("KAFKA_BROKERS") or "127.0.0.1:9092",
+    ap.add_argument("--brokers", default=setting("KAFKA_BROKERS"),
                     help="Kafka bootstrap servers [KAFKA_BROKERS]")
     ap.add_argument("--postgres_dsn", "--postgres-dsn",
-                    default=os.environ.get("POSTGRES_DSN") or LOCAL_DSN,
+                    default=setting("POSTGRES_DSN"),
                     help="holds the ledger table [POSTGRES_DSN]")
     ap.add_argument("--dry-run", "--dry_run", action="store_true", help="report only, write nothing")
     ap.add_argument("--retry-unconfirmed", action="store_true",
@@ -191,25 +184,15 @@ def kafka_partitions(brokers: str, timeout_s: float) -> dict[str, int]:
 
 def _decode(value: Optional[bytes]) -> Optional[DeadLetter]:
     """A dead-letter record, or None for one this tool cannot read (not ours, tombstone)."""
-    if not value or len(value) < 5 or value[0] != 0:
+    if schema_id_of(value) is None:
         return None
     try:
-        entry = default_registry().by_id(int.from_bytes(value[1:5], "big"))
-        if entry.subject != "dead_letter":
-            return None
-        rec = fastavro.schemaless_reader(io.BytesIO(value[5:]), _plain(entry))
+        entry, rec = decode_avro(value)
     except Exception:  # any body we cannot read is counted, not fatal
         return None
+    if entry.subject != "dead_letter":
+        return None
     return DeadLetter(**{f: rec.get(f) for f in DeadLetter._fields if f in rec})
-
-
-_PARSED: dict = {}
-
-
-def _plain(entry):
-    if entry.schema_id not in _PARSED:
-        _PARSED[entry.schema_id] = plain_parsed(entry)
-    return _PARSED[entry.schema_id]
 
 
 def read_dead_letters(args: argparse.Namespace, partitions: int, tally: Tally) -> Iterator[Stored]:
@@ -295,13 +278,8 @@ def produce_chunk(producer: Producer, dlq_topic: str, chunk: list[Stored],
         # Same partition as the original when it still exists, so the record keeps its
         # place among its key's records; otherwise the partitioner picks one.
         kwargs = {"partition": dl.source_partition} if dl.source_partition < partitions[dl.source_topic] else {}
-        while True:
-            try:
-                producer.produce(dl.source_topic, dl.raw_bytes, None, headers=headers,
-                                 on_delivery=report(s.origin), **kwargs)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, dl.source_topic, dl.raw_bytes, None, headers=headers,
+                        on_delivery=report(s.origin), **kwargs)
         producer.poll(0)
     left = producer.flush(60)
     for s in chunk:
@@ -320,18 +298,6 @@ def connect(dsn: str):
     conn.autocommit = False
     return conn
 
-
-def apply_schema(conn) -> None:
-    """schemas/postgres.sql, as transforms.sinks.postgres_sink.apply_schema does it.
-
-    Not imported from there: that module imports Beam, which costs this command
-    seconds of start-up for nothing. Same advisory lock, so the two never race.
-    """
-    with open(os.path.join(SCHEMA_DIR, "postgres.sql")) as f:
-        ddl = f.read()
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(4242)")
-        cur.execute(ddl)
 
 
 def ledger_rows(conn, dlq_topic: str, chosen: list[Stored]) -> tuple[dict, dict]:

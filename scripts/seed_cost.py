@@ -18,7 +18,6 @@ job. It prints rows, megabytes of partials and seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -27,12 +26,13 @@ from typing import Optional
 
 import psycopg2
 
+from schemas.settings import WINDOW_SIZES_S, setting
 from transforms.aggregate import COUNTERS, CONCEPT, CONTENT, OVERALL, OVERALL_ENTITY, USER
 from transforms.ledger import LedgerRow, WindowLedger, prepare_resume, read_seeds, write_rows
 from transforms.sinks.postgres_sink import apply_schema
 
-DSN = os.environ.get("POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics")
-SIZES = (60, 300, 3600, 86400)
+DSN = setting("POSTGRES_DSN")
+SIZES = WINDOW_SIZES_S
 
 
 def partial(rng: random.Random, users: list, concepts: int, content: int, events: int) -> dict:

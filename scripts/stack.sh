@@ -134,9 +134,11 @@ beam_version() {
 }
 
 python_deps() {
-  step "python: confluent-kafka" "$LOGS/pip.log"
-  if ! "$PYTHON" -c 'import confluent_kafka' 2>/dev/null; then
-    "$PYTHON" -m pip install -q confluent-kafka >>"$LOGS/pip.log" 2>&1 || fail "pip install confluent-kafka failed"
+  # create_topics.py needs the Kafka client and schemas/ (the topic list), which needs fastavro.
+  step "python: confluent-kafka, fastavro" "$LOGS/pip.log"
+  if ! "$PYTHON" -c 'import confluent_kafka, fastavro' 2>/dev/null; then
+    "$PYTHON" -m pip install -q confluent-kafka fastavro >>"$LOGS/pip.log" 2>&1 \
+      || fail "pip install confluent-kafka fastavro failed"
   fi
 }
 

@@ -1,6 +1,6 @@
 """What the pipeline produced: aggregates by window size, dead letters by error code.
 
-    python -m scripts.summary [--since-minutes 60]
+    python -m scripts.summary [--brokers ...] [--redis_url ...] [--postgres_dsn ...] [--dlq_topic ...]
 
 Reads Postgres (window_metrics, raw_events), Redis (real-time keys) and the
 dead-letter topic (every record on it, with a throwaway consumer group).
@@ -8,20 +8,19 @@ dead-letter topic (every record on it, with a throwaway consumer group).
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
 import time
 import uuid
 from collections import Counter
 
-import fastavro
 import psycopg2
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import default_registry
-from schemas.wire import plain_parsed
+from schemas.settings import setting
+from schemas.topics import DLQ_TOPIC
+from schemas.wire import decode_avro
 
 
 def dead_letters_by_code(brokers: str, topic: str, timeout_s: float = 60.0) -> Counter:
@@ -40,9 +39,7 @@ def dead_letters_by_code(brokers: str, topic: str, timeout_s: float = 60.0) -> C
             for m in consumer.consume(1000, timeout=1):
                 if m.error():
                     continue
-                writer = reg.by_id(int.from_bytes(m.value()[1:5], "big"))
-                body = io.BytesIO(m.value()[5:])
-                counts[fastavro.schemaless_reader(body, plain_parsed(writer))["error_code"]] += 1
+                counts[decode_avro(m.value(), reg)[1]["error_code"]] += 1
                 if m.offset() + 1 >= bounds[m.partition()][1]:
                     pending.discard(m.partition())
         if pending:
@@ -54,12 +51,13 @@ def dead_letters_by_code(brokers: str, topic: str, timeout_s: float = 60.0) -> C
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--brokers", default=os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092"))
-    ap.add_argument("--redis_url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--postgres_dsn", default=os.environ.get(
-        "POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics"))
-    ap.add_argument("--dlq_topic", default="analytics.dlq.v1")
+    ap = argparse.ArgumentParser(prog="python -m scripts.summary", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--brokers", default=setting("KAFKA_BROKERS"), help="Kafka bootstrap servers [KAFKA_BROKERS]")
+    ap.add_argument("--redis_url", default=setting("REDIS_URL"), help="where the real-time values are [REDIS_URL]")
+    ap.add_argument("--postgres_dsn", default=setting("POSTGRES_DSN"),
+                    help="holds raw_events and window_metrics [POSTGRES_DSN]")
+    ap.add_argument("--dlq_topic", default=DLQ_TOPIC, help="the dead-letter topic")
     a = ap.parse_args(argv)
 
     with psycopg2.connect(a.postgres_dsn) as conn, conn.cursor() as cur:

@@ -43,6 +43,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from schemas import settings
 from transforms.dead_letters import event_dead_letter
 from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
@@ -107,7 +108,7 @@ RATIOS: dict[str, dict[str, tuple[str, str]]] = {
     CONTENT: {"mean_rating": ("rating_sum", "ratings")},
 }
 
-WINDOW_SIZES_S = (60, 300, 3600, 86400)
+WINDOW_SIZES_S = settings.WINDOW_SIZES_S  # the default; jobs take theirs from --window_sizes
 
 # {family: {entity: [counter values]}}
 Partial = dict

@@ -11,9 +11,9 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from schemas.postgres import connect, utc
 from transforms.kafka_range import ArchiveGap
 from transforms.records import Event
-from transforms.sinks.postgres_sink import connect, utc
 
 _SELECT = """
 SELECT event_type, (extract(epoch FROM occurred_at) * 1000)::bigint, payload, schema_id, schema_version,

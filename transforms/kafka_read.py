@@ -50,6 +50,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from schemas.settings import LOCAL_STACK
 from transforms.records import KafkaRecord
 
 LOG = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class _PartitionWatermarks:
 @dataclass(frozen=True)
 class KafkaReadConfig:
     """How to read: brokers, consumer group, batching, watermark and idleness."""
-    brokers: str = "127.0.0.1:9092"
+    brokers: str = LOCAL_STACK["KAFKA_BROKERS"]
     group_id: str = "learning-analytics"
     batch_size: int = 2000
     poll_timeout_s: float = 0.2

@@ -36,10 +36,6 @@ class Event(NamedTuple):
     partition: int
     offset: int
 
-    @property
-    def event_id(self) -> str:
-        return self.fields["event_id"]
-
 
 class DeadLetter(NamedTuple):
     """A record that failed, why, and where it came from (schema ``dead_letter``)."""

@@ -22,28 +22,9 @@ from typing import Any, Callable, Optional
 import fastavro
 
 from schemas import RegisteredSchema, SchemaRegistry, UnknownSchemaError
+from schemas.error_codes import ErrorCode  # noqa: F401  (re-exported: validation raises them)
 from schemas.wire import HEADER, MAGIC_BYTE, plain_parsed
 from transforms.records import Event, KafkaRecord
-
-
-class ErrorCode:
-    """Stable codes on dead letters; dashboards and recovery select by them."""
-    EMPTY_RECORD = "EMPTY_RECORD"
-    BAD_FRAMING = "BAD_FRAMING"
-    UNKNOWN_SCHEMA_ID = "UNKNOWN_SCHEMA_ID"
-    AVRO_DECODE_ERROR = "AVRO_DECODE_ERROR"
-    JSON_DECODE_ERROR = "JSON_DECODE_ERROR"
-    UNKNOWN_EVENT_TYPE = "UNKNOWN_EVENT_TYPE"
-    MISSING_FIELD = "MISSING_FIELD"
-    WRONG_TYPE = "WRONG_TYPE"
-    BAD_ENUM = "BAD_ENUM"
-    OUT_OF_RANGE = "OUT_OF_RANGE"
-    MISSING_TIMESTAMP = "MISSING_TIMESTAMP"
-    FUTURE_TIMESTAMP = "FUTURE_TIMESTAMP"
-    INVALID_STRING = "INVALID_STRING"
-    # Not a property of the record: an unexpected exception while handling it (see decode.py).
-    PROCESSING_ERROR = "PROCESSING_ERROR"
-    TOO_LATE = "TOO_LATE"  # refused by the windows: later than --allowed_lateness (transforms.aggregate)
 
 
 class InvalidRecord(Exception):
@@ -140,7 +121,7 @@ class EventValidator:
             raise InvalidRecord(ErrorCode.BAD_FRAMING,
                                 f"Avro record is {len(value)} bytes, shorter than the 5-byte "
                                 "Confluent header (magic byte + schema id)", correlation_id=header)
-        schema_id = int.from_bytes(value[1:5], "big")
+        schema_id = HEADER.unpack_from(value)[1]
         try:
             subject = self._subject_for_id(schema_id)
         except UnknownSchemaError:

@@ -1,16 +1,14 @@
 """Reading back what the pipeline wrote: Postgres rows, Redis hashes, Kafka records."""
 from __future__ import annotations
 
-import io
 import uuid
 
-import fastavro
 import psycopg2
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import default_registry
-from schemas.wire import plain_parsed
+from schemas.wire import decode_avro
 
 LABELS = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 
@@ -58,8 +56,7 @@ def topic_records(brokers: str, topic: str) -> list[tuple[object, dict]]:
             if not msgs:
                 raise AssertionError(f"{topic}: could not read to the end ({pending} pending)")
             for m in msgs:
-                writer = reg.by_id(int.from_bytes(m.value()[1:5], "big"))
-                rec = fastavro.schemaless_reader(io.BytesIO(m.value()[5:]), plain_parsed(writer))
+                rec = decode_avro(m.value(), reg)[1]
                 out.append((m, rec))
                 if m.offset() + 1 >= ends[m.partition()]:
                     pending.discard(m.partition())

@@ -328,7 +328,7 @@ def test_the_archive_redoes_a_failed_copy_on_a_new_connection(private_postgres, 
     fn.teardown()
 
     ids = archived(dsn)
-    want = {e.event_id for e in first + second}
+    want = {e.fields["event_id"] for e in first + second}
     assert waited >= OUTAGE_S
     assert len(ids) == len(set(ids)) == len(want) == 800 and set(ids) == want
     assert postgres_scalar(dsn, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'raw_events'::regclass") == 2

@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from schemas import default_registry
-from schemas.wire import encode_avro, plain_parsed
+from schemas.wire import encode_avro, plain_parsed, produce_waiting
 from transforms.aggregate import WindowAggregate, window_label
 from transforms.records import DeadLetter
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
@@ -57,12 +57,7 @@ class _ProduceFn(beam.DoFn):
 
     def _send(self, key: bytes, record: dict, headers: Any = None) -> None:
         value = encode_avro(self.entry, record, self.parsed)
-        while True:
-            try:
-                self.producer.produce(self.topic, value, key, headers=headers, on_delivery=self._on_delivery)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        produce_waiting(self.producer, self.topic, value, key, headers=headers, on_delivery=self._on_delivery)
         self.sent += 1
         if self.sent % 1000 == 0:
             self.producer.poll(0)  # serve delivery reports now and then, not per record

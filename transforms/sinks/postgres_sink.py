@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
@@ -36,6 +35,8 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from psycopg2.extras import execute_values
 
+from schemas import postgres as postgres_schema
+from schemas.postgres import connect, utc
 from transforms.aggregate import WindowAggregate
 from transforms.dead_letters import event_dead_letter
 from transforms.records import Event
@@ -47,12 +48,6 @@ LOG = logging.getLogger(__name__)
 _NULL = "\\N"  # COPY's NULL marker; an empty string stays an empty string
 _COLUMNS = ("event_id", "occurred_at", "event_type", "user_id", "correlation_id", "schema_id",
             "schema_version", "source_topic", "source_partition", "source_offset", "payload")
-
-
-def connect(dsn: str):
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    conn.autocommit = False
-    return conn
 
 
 # Errors that mean "Postgres is not there" (refused, lost, AdminShutdown, starting up).
@@ -99,22 +94,12 @@ def _close_quietly(conn) -> None:
 
 
 def apply_schema(dsn: str) -> None:
-    """Creates the tables if missing; used by sinks and tests alike."""
-    from schemas.registry import SCHEMA_DIR
-    with open(os.path.join(SCHEMA_DIR, "postgres.sql")) as f:
-        ddl = f.read()
+    """Creates the tables if missing (schemas/postgres.py); used by sinks and tests alike."""
     conn = connect(dsn)
     try:
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(4242)")  # parallel workers apply it once
-            cur.execute(ddl)
+        postgres_schema.apply_schema(conn)
     finally:
         conn.close()
-
-
-def utc(ms: int) -> datetime:
-    """Epoch milliseconds as an aware UTC datetime."""
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

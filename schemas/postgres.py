@@ -1,0 +1,38 @@
+"""The Postgres schema (schemas/postgres.sql) and how it is applied.
+
+Idempotent: every sink, the ledger and the recovery command apply it at
+start-up; an advisory lock makes parallel workers apply it one at a time.
+Importable without Beam.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import psycopg2
+
+from schemas.registry import SCHEMA_DIR
+
+DDL_FILE = os.path.join(SCHEMA_DIR, "postgres.sql")
+_LOCK = 4242  # pg_advisory_xact_lock key held while the DDL runs
+
+
+def connect(dsn: str):
+    """A connection outside autocommit, with a bounded connect."""
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    conn.autocommit = False
+    return conn
+
+
+def utc(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime (what timestamptz columns take)."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def apply_schema(conn) -> None:
+    """Creates whatever of schemas/postgres.sql is missing, on ``conn`` (a psycopg2 connection), and commits."""
+    with open(DDL_FILE) as f:
+        ddl = f.read()
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        cur.execute(ddl)
