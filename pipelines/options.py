@@ -24,15 +24,15 @@ import re
 import sys
 from typing import Any, NamedTuple, Optional
 
-import psycopg2
 import psycopg2.extensions
-import redis
 import redis.connection
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PrismRunnerOptions, StandardOptions
-from confluent_kafka import Consumer, KafkaException
+from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions,
+                                                  PrismRunnerOptions, StandardOptions)
+from apache_beam.runners.runner import PipelineRunner
 
 from schemas.settings import WINDOW_SIZES_S, setting
 from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
+from transforms.sinks import AggregateSinks
 from transforms.sinks.resilience import SinkRetryConfig
 
 PRISM_NO_SPLITS = "prism_disable_sdf_split"  # see use_local_runner
@@ -121,12 +121,18 @@ class AnalyticsOptions(PipelineOptions):
         return SinkRetryConfig(retries=int(self.sink_retries), probe_interval_s=float(self.sink_probe_interval))
 
     def sink_set(self) -> set[str]:
-        """The chosen aggregate sinks; 'none' for none (e.g. to measure the pipeline alone)."""
-        chosen = {s.strip() for s in self.sinks.split(",") if s.strip()} - {"none"}
-        unknown = chosen - {"redis", "postgres", "kafka"}
-        if unknown:
-            fail(f"--sinks: unknown sink(s) {', '.join(sorted(unknown))}; choose from redis, postgres, kafka, none")
-        return chosen
+        """The chosen aggregate sinks; 'none' for none (e.g. to measure the pipeline alone).
+
+        Pure: check_options refused unknown names before anything is built."""
+        return _sink_names(self.sinks) - {"none"}
+
+    def aggregate_sinks(self) -> AggregateSinks:
+        """Where the streaming job writes its panes: the --sinks chosen, with their addresses."""
+        chosen = self.sink_set()
+        return AggregateSinks(redis_url=self.redis_url if "redis" in chosen else None,
+                              postgres_dsn=self.postgres_dsn if "postgres" in chosen else None,
+                              kafka_brokers=self.brokers if "kafka" in chosen else None,
+                              kafka_topic=self.aggregates_topic, retry=self.sink_retry_config())
 
 
 def help_if_asked(argv: Optional[list], prog: str, description: str, *option_classes) -> None:
@@ -170,6 +176,20 @@ def use_local_runner(options: PipelineOptions, streaming: bool) -> None:
         # --pipeline-arg=--experiments=...` shows whether it does, and
         # test_the_local_runner_does_not_split_bundles pins the setting.
         options.view_as(DebugOptions).add_experiment(PRISM_NO_SPLITS)
+
+
+def use_batch_runner(options: PipelineOptions, workers: int) -> Optional[PipelineRunner]:
+    """Beam's batch runner (what the DirectRunner uses for bounded jobs) with
+    ``workers`` processes, unless another runner was chosen (then None: Beam's own)."""
+    std = options.view_as(StandardOptions)
+    std.runner = std.runner or "DirectRunner"
+    direct = options.view_as(DirectOptions)
+    direct.direct_num_workers = workers
+    direct.direct_running_mode = "multi_processing" if workers > 1 else "in_memory"
+    if std.runner != "DirectRunner":
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return FnApiRunner()
 
 
 def redact(url: str) -> str:
@@ -223,7 +243,8 @@ def check_options(options: PipelineOptions) -> None:
     nothing; the options are left as they are. Checks every option argparse
     knows (its own errors become one line), every number of
     :data:`NUMERIC_OPTIONS`, the window sizes (and WINDOW_SIZE_MS), the broker
-    list, the Redis URL and the Postgres DSN. Reachability is check_services'.
+    list, the Redis URL, the Postgres DSN and --sinks. Reachability is
+    pipelines.preflight's, also before the pipeline is built.
     """
     values = _parse_every_option(options)
 
@@ -251,9 +272,20 @@ def check_options(options: PipelineOptions) -> None:
             problem = check(str(values[option]))
             if problem:
                 fail(f"{name(option, values[option])}: {problem}")
+    if "sinks" in values:
+        unknown = _sink_names(str(values["sinks"])) - SINKS
+        if unknown:
+            fail(f"--sinks: unknown sink(s) {', '.join(sorted(unknown))}; choose from redis, postgres, kafka, none")
     if "group_id" in values and not str(values["group_id"]).strip():
         fail(f"--group_id {values['group_id']!r}: empty; give a Kafka consumer group name, "
              "e.g. learning-analytics")
+
+
+SINKS = {"redis", "postgres", "kafka", "none"}
+
+
+def _sink_names(sinks: str) -> set[str]:
+    return {s.strip() for s in sinks.split(",") if s.strip()}
 
 
 def _parse_every_option(options: PipelineOptions) -> dict:
@@ -360,33 +392,3 @@ def _postgres_dsn_problem(dsn: str) -> Optional[str]:
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             return f"port {port!r} is not a number from 1 to 65535; {give}"
     return None
-
-
-def check_services(opts: AnalyticsOptions, kafka: bool = True, redis_: bool = True,
-                   postgres: bool = True) -> None:
-    """One clear line and exit 2 when a service is unreachable, before anything starts."""
-    if kafka:
-        try:
-            # log_level 0: librdkafka would print a line per failed retry.
-            c = Consumer({"bootstrap.servers": opts.brokers, "group.id": "preflight",
-                          "socket.connection.setup.timeout.ms": 3000, "log_level": 0})
-            try:
-                topics = c.list_topics(timeout=5).topics
-            finally:
-                c.close()
-        except KafkaException as e:
-            fail(f"cannot reach Kafka at {opts.brokers}: {e.args[0].str() if e.args else e}")
-        missing = [t for t in opts.topic_list() if t not in topics]
-        if missing:
-            fail(f"Kafka topics missing on {opts.brokers}: {', '.join(missing)} "
-                 "(scripts/stack.sh up creates them)")
-    if redis_:
-        try:
-            redis.Redis.from_url(opts.redis_url, socket_connect_timeout=3).ping()
-        except redis.RedisError as e:
-            fail(f"cannot reach Redis at {redact(opts.redis_url)}: {e}")
-    if postgres:
-        try:
-            psycopg2.connect(opts.postgres_dsn, connect_timeout=5).close()
-        except psycopg2.Error as e:
-            fail(f"cannot reach Postgres at {redact(opts.postgres_dsn)}: {str(e).strip().splitlines()[0]}")

@@ -26,31 +26,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import threading
 import time
-import uuid
-from datetime import datetime, timezone
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
-from pipelines.options import AnalyticsOptions, check_options, help_if_asked, check_services, fail
+from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_batch_runner
+from pipelines.preflight import check_services
 from schemas.settings import parse_instant
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
-from transforms.dataset import WriteTrainingDataset, arrange_partitions
-from transforms.decode import DecodeAndValidate
+from transforms.dataset import WriteTrainingDataset
+from transforms.dataset_staging import StagedDataset
+from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
 from transforms.kafka_range import (BadRangeRequest, ResolvedRange, parse_offsets, resolve_offsets,
                                     resolve_time_range)
-from transforms.kafka_read import KafkaReadConfig, ReadEvents
-from transforms.sinks.kafka_sink import PublishDeadLetters
-from transforms.sinks.postgres_sink import WriteMetricsToPostgres
+from transforms.kafka_read import KafkaReadConfig
+from transforms.metrics_to_sinks import WindowedMetricsToSinks
+from transforms.replay_manifest import replay_manifest
+from transforms.replay_progress import ReplayProgress
+from transforms.sinks import AggregateSinks
+from transforms.valid_events import ReadValidEvents
 
 LOG = logging.getLogger("pipelines.replay")
 
@@ -96,109 +95,29 @@ def resolve(opts: AnalyticsOptions, ropts: ReplayOptions) -> tuple[ResolvedRange
         fail(str(e))
 
 
-class ReplayProgress(threading.Thread):
-    """Prints "read X of Y records" every ``every_s`` while the job runs.
-
-    The readers run in the runner's worker processes; they commit their
-    positions to a throwaway consumer group (``group``) as they go, and this
-    thread reads those offsets. The group is deleted at the end.
-    """
-
-    def __init__(self, brokers: str, rng: ResolvedRange, every_s: float = 5.0):
-        super().__init__(daemon=True, name="replay-progress")
-        self.brokers, self.rng, self.every_s = brokers, rng, every_s
-        self.group = f"replay-progress-{uuid.uuid4().hex[:12]}"
-        self.done = threading.Event()
-
-    def read_so_far(self, consumer: Consumer) -> int:
-        specs = self.rng.partitions
-        committed = consumer.committed([TopicPartition(s.topic, s.partition) for s in specs], timeout=5)
-        return sum(min(c.offset, s.stop) - s.start for c, s in zip(committed, specs) if c.offset > s.start)
-
-    def run(self) -> None:
-        total, began = self.rng.total_records, time.monotonic()
-        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": self.group})
-        try:
-            while True:
-                finishing = self.done.wait(self.every_s)  # one last line once the job ended
-                read = self.read_so_far(consumer)
-                rate = read / (time.monotonic() - began)
-                print(f"replay: read {read:,} of {total:,} records ({100 * read / max(total, 1):.0f}%), "
-                      f"{rate:,.0f}/s", file=sys.stderr, flush=True)
-                if finishing:
-                    break
-        except Exception as e:  # progress is a courtesy; it never fails the replay
-            LOG.warning("progress reporting stopped: %s", e)
-        finally:
-            consumer.close()
-
-    def finish(self) -> None:
-        self.done.set()
-        self.join(10)
-        admin = AdminClient({"bootstrap.servers": self.brokers})  # kept: its futures die with it
-        try:
-            for future in admin.delete_consumer_groups([self.group], request_timeout=10).values():
-                future.result(timeout=15)
-        except Exception:
-            pass  # a group that never committed does not exist
-
-
-def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, rng: ResolvedRange,
-          span: Optional[tuple[int, int]], dataset_dir: Optional[str], temp_dir: Optional[str],
+def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, offsets: ResolvedRange,
+          span: Optional[tuple[int, int]], dataset: Optional[StagedDataset],
           progress: Optional[ReplayProgress] = None) -> None:
-    gauge = {"group_id": progress.group, "progress_commit_s": progress.every_s / 2} if progress else {}
-    config = KafkaReadConfig(brokers=opts.brokers, batch_size=opts.batch_size, commit_offsets=False, **gauge)
-    decoded = (p | "ReadEvents" >> ReadEvents(config, partitions=rng.partitions)
-               | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
+    """Wires the transforms for the request; connects to nothing, exits nothing."""
+    config = KafkaReadConfig(brokers=opts.brokers, batch_size=opts.batch_size, commit_offsets=False,
+                             **(progress.reader_settings() if progress else {}))
+    decoded = p | "ValidEvents" >> ReadValidEvents(config, offsets.partitions, opts.max_future * 1000)
     events = decoded.events
-    if rng.archive_gaps:
-        archived = p | "ReadArchivedEvents" >> ReadArchivedEvents(opts.postgres_dsn, rng.archive_gaps)
+    if offsets.archive_gaps:
+        archived = p | "ReadArchivedEvents" >> ReadArchivedEvents(opts.postgres_dsn, offsets.archive_gaps)
         events = (events, archived) | "KafkaAndArchive" >> beam.Flatten()
-    if dataset_dir:
-        events | "WriteTrainingDataset" >> WriteTrainingDataset(dataset_dir, temp_dir)
+    if dataset:
+        events | "WriteTrainingDataset" >> WriteTrainingDataset(dataset.data_dir, dataset.temp_dir)
     if ropts.aggregates:
-        panes = events | "WindowedMetrics" >> WindowedMetrics(
-            opts.window_sizes_s(), early_firing_s=None, allowed_lateness_s=opts.allowed_lateness,
-            expire_state=False)
-        for label, aggregates in panes.panes.items():
-            if span is not None:  # a window cut by the range would overwrite a whole one with a part
-                aggregates = aggregates | f"WholeWindows{label}" >> beam.Filter(
-                    lambda a, lo=span[0], hi=span[1]: lo <= a.window_start_ms and a.window_end_ms <= hi)
-            aggregates | f"Write{label}" >> WriteMetricsToPostgres(opts.postgres_dsn, "window_metrics_replay")
+        events | "Windows" >> WindowedMetricsToSinks(
+            WindowedMetrics(opts.window_sizes_s(), early_firing_s=None,
+                            allowed_lateness_s=opts.allowed_lateness, expire_state=False),
+            AggregateSinks(postgres_dsn=opts.postgres_dsn, postgres_table="window_metrics_replay",
+                           retry=opts.sink_retry_config()),
+            within=span)
     if ropts.dead_letters:
-        decoded.dead_letters | "PublishDeadLetters" >> PublishDeadLetters(opts.brokers, opts.dlq_topic)
-
-
-def manifest(result, rng: ResolvedRange, ropts: ReplayOptions, seconds: float) -> dict:
-    """What the dataset holds, from the job's own counters."""
-    counters, offsets = {}, {}
-    metrics = result.metrics().query()
-    for c in metrics["counters"]:
-        key = f"{c.key.metric.namespace}.{c.key.metric.name}"
-        counters[key] = counters.get(key, 0) + (c.committed or 0)
-    for d in metrics["distributions"]:
-        if d.key.metric.name.startswith("offsets:"):
-            _, topic, partition = d.key.metric.name.rsplit(":", 2)
-            r = d.committed
-            offsets[f"{topic}:{partition}"] = {"first": r.min, "last": r.max}
-    per_type = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("WriteTrainingDataset.")}
-    return {
-        "requested": {"start": ropts.start, "end": ropts.end, "offsets": ropts.offsets},
-        "partitions": [{"topic": s.topic, "partition": s.partition, "start": s.start, "stop": s.stop,
-                        "read": offsets.get(f"{s.topic}:{s.partition}")} for s in rng.partitions],
-        "records_in_range": rng.total_records,
-        "records_read": counters.get("ReadEvents.records_read", 0),
-        "archive": {"used": bool(rng.archive_gaps),
-                    "gaps": [g._asdict() for g in rng.archive_gaps],
-                    "events_read": counters.get("ReadArchivedEvents.events_read", 0)},
-        "events_by_type_and_schema_version": dict(sorted(per_type.items())),
-        "valid_events": counters.get("DecodeAndValidate.valid_events", 0)
-        + counters.get("ReadArchivedEvents.events_read", 0),
-        "dead_letters_by_code": {k.split("dead_letters_", 1)[1]: v for k, v in sorted(counters.items())
-                                 if k.startswith("DecodeAndValidate.dead_letters_")},
-        "seconds": round(seconds, 1),
-        "written_at": datetime.now(timezone.utc).isoformat(),
-    }
+        {"": decoded.dead_letters} | "DeadLetters" >> PublishDeadLetterStreams(
+            DeadLetterTopic(opts.brokers, opts.dlq_topic, opts.sink_retry_config()))
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -212,35 +131,33 @@ def run(argv: Optional[list[str]] = None) -> int:
     if output and os.path.exists(output) and not ropts.overwrite:
         fail(f"{output} exists; pass --overwrite to replace it")
     check_services(opts, redis_=False, postgres=ropts.aggregates or bool(ropts.output))
-    rng, span = resolve(opts, ropts)
-    print(f"replay: {rng.total_records:,} records in {len(rng.partitions)} partition ranges"
-          + (f", plus the archive for {len(rng.archive_gaps)} partitions" if rng.archive_gaps else ""),
+    offsets, span = resolve(opts, ropts)
+    print(f"replay: {offsets.total_records:,} records in {len(offsets.partitions)} partition ranges"
+          + (f", plus the archive for {len(offsets.archive_gaps)} partitions" if offsets.archive_gaps else ""),
           file=sys.stderr)
 
-    options.view_as(StandardOptions).runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    options.view_as(DirectOptions).direct_num_workers = ropts.workers
-    options.view_as(DirectOptions).direct_running_mode = "multi_processing" if ropts.workers > 1 else "in_memory"
-    staging = f"{output}.tmp-{uuid.uuid4().hex[:8]}" if output else None
+    runner = use_batch_runner(options, ropts.workers)
+    dataset = StagedDataset(output) if output else None
     began = time.monotonic()
-    progress = ReplayProgress(opts.brokers, rng, ropts.progress_every)
+    progress = ReplayProgress(opts.brokers, offsets, ropts.progress_every)
     try:
-        p = beam.Pipeline(runner=_batch_runner(options), options=options)
-        build(p, opts, ropts, rng, span, os.path.join(staging, "data") if staging else None,
-              os.path.join(staging, "_temp") if staging else None, progress)
+        p = beam.Pipeline(runner=runner, options=options)
+        build(p, opts, ropts, offsets, span, dataset, progress)
         progress.start()
         result = p.run()
         state = result.wait_until_finish()
         progress.finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"job ended in state {state}")
-        summary = manifest(result, rng, ropts, time.monotonic() - began)
-        if staging:
-            _publish(staging, output, summary, ropts.overwrite)
+        requested = {"start": ropts.start, "end": ropts.end, "offsets": ropts.offsets}
+        summary = replay_manifest(result, offsets, requested, time.monotonic() - began)
+        if dataset:
+            dataset.publish(summary, ropts.overwrite)
     except Exception as e:  # a failed replay leaves nothing that looks complete
         if progress.is_alive():
             progress.finish()
-        if staging and os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        if dataset:
+            dataset.discard()
         LOG.debug("replay failed", exc_info=True)
         print(f"error: replay failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -251,28 +168,11 @@ def run(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _batch_runner(options: PipelineOptions):
-    """Beam's batch runner (what the DirectRunner uses for bounded jobs), unless one was chosen."""
-    if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
-        return None
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    return FnApiRunner()
-
-
-def _publish(staging: str, output: str, summary: dict, overwrite: bool) -> None:
-    """Moves the finished dataset into place, manifest first written beside it."""
-    shutil.rmtree(os.path.join(staging, "_temp"), ignore_errors=True)
-    data = os.path.join(staging, "data")
-    os.makedirs(data, exist_ok=True)
-    summary["files"] = arrange_partitions(data)
-    with open(os.path.join(data, "_manifest.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if overwrite and os.path.exists(output):
-        shutil.rmtree(output)
-    os.rename(data, output)
-    shutil.rmtree(staging, ignore_errors=True)
+def main() -> int:
+    """The console entry point (setup.py), and ``python -m pipelines.replay``."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run()
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run())
+    sys.exit(main())

@@ -3,10 +3,11 @@
     python -m pipelines.streaming                       # runs until stopped (Ctrl-C / SIGTERM)
     python -m pipelines.streaming --until_idle 10       # drain what the topics hold, then exit 0
 
-Flow: ReadEvents (one restriction per partition) -> DecodeAndValidate (bad
-records to the dead-letter topic) -> ArchiveRawEvents (Postgres) and
-WindowedMetrics (1m/5m/1h/1d, early/on-time/late panes) -> Redis, Postgres and
-the aggregates topic. Run ``--help`` for every option.
+Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
+DecodeAndValidate) -> ArchiveRawEvents (Postgres) and WindowedMetricsToSinks
+(1m/5m/1h/1d, early/on-time/late panes, to Redis, Postgres and the aggregates
+topic); every step's dead letters -> PublishDeadLetterStreams. Run ``--help``
+for every option.
 """
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from pipelines.options import AnalyticsOptions, check_options, help_if_asked, check_services, fail, use_local_runner
+from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_local_runner
+from pipelines.preflight import check_services
 from transforms.aggregate import WindowedMetrics
-from transforms.decode import DecodeAndValidate
-from transforms.kafka_read import KafkaReadConfig, ReadEvents
+from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
+from transforms.kafka_read import KafkaReadConfig
 from transforms.ledger import WindowLedger
-from transforms.resume import LedgerCompactor, ResumePoint, SkipPublishedDeadLetters, resume_point
-from transforms.sinks import AggregateSinks, WriteAggregates
-from transforms.sinks.kafka_sink import PublishDeadLetters
+from transforms.metrics_to_sinks import WindowedMetricsToSinks
+from transforms.resume import LedgerCompactor, ResumePoint, resume_point
 from transforms.sinks.postgres_sink import ArchiveRawEvents
+from transforms.valid_events import ReadValidEvents
 
 LOG = logging.getLogger("pipelines.streaming")
 # Early panes of windows that ended longer ago than this are not written (a backlog).
@@ -60,36 +62,30 @@ def resume(opts: AnalyticsOptions) -> ResumePoint:
                         opts.dlq_topic, min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
 
 
+def windows(opts: AnalyticsOptions, point: ResumePoint) -> WindowedMetrics:
+    """The windows, started from the ledger's seeds; an open-ended job forgets closed ones."""
+    return WindowedMetrics(
+        opts.window_sizes_s(), early_firing_s=opts.early_firing, allowed_lateness_s=opts.allowed_lateness,
+        catch_up_after_s=CATCH_UP_AFTER_S, expire_state=opts.view_as(StreamingOptions).until_idle is None,
+        ledger=point.ledger, seeds=point.read_seeds(), dead_lettered=point.dead_lettered,
+        retry=opts.sink_retry_config())
+
+
 def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
-    """Wires the transforms; shared by ``run`` and the tests."""
-    until_idle = opts.view_as(StreamingOptions).until_idle
-    decoded = (p | "ReadEvents" >> ReadEvents(read_config(opts), partitions=point.partitions)
-               | "DecodeAndValidate" >> DecodeAndValidate(max_future_ms=opts.max_future * 1000))
+    """Wires the transforms; shared by ``run`` and the tests. Connects to nothing, exits nothing."""
     retry = opts.sink_retry_config()
+    decoded = p | "ValidEvents" >> ReadValidEvents(read_config(opts), point.partitions, opts.max_future * 1000)
     refused = (decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
                if opts.archive == "true" else None)
-    windowed = decoded.events | "WindowedMetrics" >> WindowedMetrics(
-        opts.window_sizes_s(), early_firing_s=opts.early_firing,
-        allowed_lateness_s=opts.allowed_lateness, catch_up_after_s=CATCH_UP_AFTER_S,
-        expire_state=until_idle is None, ledger=point.ledger,
-        seeds=point.read_seeds(), dead_lettered=point.dead_lettered, retry=retry)
-    # Each dead-letter stream gets its own producer step rather than a Flatten,
-    # so that both stay fused with the reader: its offsets are committed only
-    # once their bundle's dead letters are flushed.
-    streams = [("", decoded.dead_letters), ("TooLate", windowed.too_late), ("FoldErrors", windowed.fold_errors)]
+    windowed = decoded.events | "Windows" >> WindowedMetricsToSinks(windows(opts, point), opts.aggregate_sinks())
+    # One producer step per stream, no Flatten: each stays fused with the
+    # reader, whose offsets are committed only once their bundle's dead
+    # letters are flushed.
+    letters = {"": decoded.dead_letters, "TooLate": windowed.too_late, "FoldErrors": windowed.fold_errors}
     if refused is not None:
-        streams.append(("ArchiveErrors", refused))
-    for label, letters in streams:
-        (letters | f"SkipPublished{label}" >> SkipPublishedDeadLetters(point.dead_lettered)
-         | f"PublishDeadLetters{label}" >> PublishDeadLetters(opts.brokers, opts.dlq_topic, retry))
-    sinks = opts.sink_set()
-    targets = AggregateSinks(redis_url=opts.redis_url if "redis" in sinks else None,
-                             postgres_dsn=opts.postgres_dsn if "postgres" in sinks else None,
-                             kafka_brokers=opts.brokers if "kafka" in sinks else None,
-                             kafka_topic=opts.aggregates_topic, retry=retry)
-    if targets.any():
-        for label, aggregates in windowed.panes.items():
-            aggregates | f"Write{label}" >> WriteAggregates(targets)
+        letters["ArchiveErrors"] = refused
+    letters | "DeadLetters" >> PublishDeadLetterStreams(
+        DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
 
 
 def print_summary(result: PipelineResult, seconds: float) -> None:
@@ -117,8 +113,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     opts = options.view_as(AnalyticsOptions)
     if not opts.topic_list():
         fail("--topics is empty")
-    sinks = opts.sink_set()
-    check_services(opts, redis_="redis" in sinks, postgres=True)  # Postgres holds the window ledger
+    check_services(opts, redis_="redis" in opts.sink_set(), postgres=True)  # Postgres holds the window ledger
     use_local_runner(options, streaming=True)
 
     try:
@@ -160,6 +155,11 @@ def run(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """The console entry point (setup.py), and ``python -m pipelines.streaming``."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run())
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,6 +123,7 @@ def clean_env(monkeypatch):
      "error: --postgres_dsn 'host=h password=*** bogus=1': invalid dsn: invalid connection option"),
     (["--group_id", " "], "error: --group_id ' ': empty; give"),
     (["--archive", "maybe"], "error: --archive: invalid choice: 'maybe'"),
+    (["--sinks", "redis,memcache"], "error: --sinks: unknown sink(s) memcache; choose from redis, postgres"),
     (["--direct_num_workers", "two"], "error: --direct_num_workers: invalid int value: 'two'; give a whole number"),
 ])
 def test_each_check_says_what_is_wrong(clean_env, capsys, flags, expected):

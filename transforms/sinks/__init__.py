@@ -23,6 +23,7 @@ class AggregateSinks:
     """Where aggregates go; a sink left as None is not written."""
     redis_url: Optional[str] = None
     postgres_dsn: Optional[str] = None
+    postgres_table: str = "window_metrics"       # a replay writes window_metrics_replay
     kafka_brokers: Optional[str] = None
     kafka_topic: str = "analytics.aggregated.v1"
     retry: SinkRetryConfig = SinkRetryConfig()   # retries, back-off and probes of every sink
@@ -43,6 +44,6 @@ class WriteAggregates(beam.PTransform):
         if s.redis_url:
             aggregates | "Redis" >> WriteMetricsToRedis(s.redis_url, retry=s.retry)
         if s.postgres_dsn:
-            aggregates | "Postgres" >> WriteMetricsToPostgres(s.postgres_dsn, retry=s.retry)
+            aggregates | "Postgres" >> WriteMetricsToPostgres(s.postgres_dsn, s.postgres_table, retry=s.retry)
         if s.kafka_brokers:
             aggregates | "Kafka" >> PublishAggregates(s.kafka_brokers, s.kafka_topic, retry=s.retry)
