@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["pipelines", "transforms", "schemas"]),
+    packages=find_packages(include=["pipelines", "transforms", "transforms.*", "schemas"]),
     package_data={"schemas": ["registry.json", "avro/*/*.avsc", "postgres.sql"]},
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",
@@ -22,4 +22,11 @@ setup(
         "tenacity>=8.2,<10",
     ],
     extras_require={"test": ["pytest>=8"]},
+    # The same commands as `python -m pipelines.streaming` (and .replay,
+    # .recover_dead_letters), on the PATH once the package is installed.
+    entry_points={"console_scripts": [
+        "learning-analytics-streaming = pipelines.streaming:main",
+        "learning-analytics-replay = pipelines.replay:main",
+        "learning-analytics-recover-dead-letters = pipelines.recover_dead_letters:main",
+    ]},
 )

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS window_ledger (
     PRIMARY KEY (group_id, topic, partition, window_seconds, window_start_ms, from_offset)
 );
 
--- Dead letters re-published by scripts/recover_dead_letters.py, one row per dead
+-- Dead letters re-published by pipelines/recover_dead_letters.py, one row per dead
 -- letter, keyed by where the dead letter itself sits on the dead-letter topic.
 -- A row is 'claimed' (committed) before the record is produced and 'published'
 -- once the producer confirmed delivery; a row left 'claimed' is a crash or a

@@ -162,17 +162,23 @@ def test_the_defaults_pass(clean_env):
     assert (opts.batch_size, opts.window_sizes_s()) == (2000, (60, 300, 3600, 86400))
 
 
-@pytest.mark.parametrize("module,options", [
-    ("pipelines.streaming", ["--brokers", "--batch_size", "--allowed_lateness", "--until_idle", "--sink_retries"]),
-    ("pipelines.replay", ["--start", "--end", "--output", "--aggregates", "--postgres_dsn"]),
+RECOVERY_OPTIONS = ["--since", "--error_code", "--dlq_topic", "--postgres_dsn", "--dry_run", "--timeout"]
+
+
+@pytest.mark.parametrize("module,options,variable", [
+    ("pipelines.streaming", ["--brokers", "--batch_size", "--allowed_lateness", "--until_idle", "--sink_retries"],
+     "BATCH_SIZE"),
+    ("pipelines.replay", ["--start", "--end", "--output", "--aggregates", "--postgres_dsn"], "BATCH_SIZE"),
+    ("pipelines.recover_dead_letters", RECOVERY_OPTIONS, "POSTGRES_DSN"),
+    ("scripts.recover_dead_letters", RECOVERY_OPTIONS, "KAFKA_BROKERS"),  # the old name, kept one release
 ])
-def test_help_lists_every_option_with_its_default(module, options):
+def test_help_lists_every_option_with_its_default(module, options, variable):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     listed = {line.split()[0].rstrip(",") for line in proc.stdout.splitlines() if line.startswith("  --")}
     assert set(options) <= listed, listed
-    assert "BATCH_SIZE" in proc.stdout and "(default:" in proc.stdout
+    assert f"[{variable}]" in proc.stdout and "(default:" in proc.stdout
 
 
 def test_the_local_runner_does_not_split_bundles():

@@ -2,7 +2,7 @@
 
 One small stream per module: valid events, OUT_OF_RANGE records on two topics
 (with and without a correlation id) and BAD_FRAMING records. The streaming job
-turns the bad ones into dead letters; ``scripts.recover_dead_letters`` runs as a
+turns the bad ones into dead letters; ``pipelines.recover_dead_letters`` runs as a
 subprocess, as an operator would run it. Nothing is fixed in between, so the
 re-published records fail again, which shows the attempt counted end to end.
 """
@@ -83,7 +83,7 @@ def letters(stack, first_run):
 
 
 def recover(stack, produced, first_run, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "scripts.recover_dead_letters",
+    cmd = [sys.executable, "-m", "pipelines.recover_dead_letters",
            "--since", _iso(produced["began_ms"] - 1000), "--until", _iso(first_run["ended_ms"]),
            "--dlq_topic", stack.topics["dlq"], "--postgres_dsn", stack.dsn, "--brokers", BROKERS,
            "--timeout", "30", *extra]
@@ -140,7 +140,7 @@ def of_code(letters, code: str) -> list:
       "--postgres_dsn", "postgresql://analytics:secret@127.0.0.1:1/analytics"], "cannot reach Postgres"),
 ])
 def test_a_bad_request_exits_2_with_one_error_line(services, extra, says):
-    proc = subprocess.run([sys.executable, "-m", "scripts.recover_dead_letters", "--brokers", BROKERS, *extra],
+    proc = subprocess.run([sys.executable, "-m", "pipelines.recover_dead_letters", "--brokers", BROKERS, *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
