@@ -277,7 +277,6 @@ class _PartitionReader:
         self.position = start
         self.consumer.assign([TopicPartition(topic, partition, start)])
         self.last_record_at = time.monotonic()
-        self.last_idle_poll_at = -math.inf
         self.last_progress_at = time.monotonic()
         self.trouble = None  # the error of an ongoing broker outage, logged once
         self.last_idle_commit_at = time.monotonic()
@@ -315,17 +314,6 @@ class _PartitionReader:
         high = self.consumer.get_watermark_offsets(
             TopicPartition(self.topic, self.partition), cached=True)[1]
         return high < 0 or self.position >= high
-
-    def pace(self, interval_s: float) -> None:
-        """Sleeps so that an idle partition is polled at most every ``interval_s``.
-
-        Prism re-runs a checkpoint at once, ignoring its resume delay, so
-        without this an idle stream would spin. The partitions of a read run
-        one after another in a bundle, so in practice only the first waits.
-        """
-        wait = self.last_idle_poll_at + interval_s - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
 
 
 class ReadPartitionFn(beam.DoFn):
@@ -375,8 +363,6 @@ class ReadPartitionFn(beam.DoFn):
         bounded = restriction.stop != UNBOUNDED
         deadline = math.inf if bounded else time.monotonic() + self.config.max_bundle_s
         lag = Duration(seconds=self.config.max_out_of_orderness_s)
-        if not bounded:
-            reader.pace(self.config.idle_resume_s)
         while time.monotonic() < deadline:
             records = self._poll(reader, restriction.stop, wait=bounded or not reader.caught_up())
             if not records:
@@ -415,7 +401,8 @@ class ReadPartitionFn(beam.DoFn):
 
     def _poll(self, reader: _PartitionReader, stop: int, wait: bool) -> list[KafkaRecord]:
         # Caught up, a live read takes what the consumer has fetched in the
-        # background (pacing bounds how often); behind, it waits for the rest.
+        # background (the checkpoint's resume delay bounds how often); behind,
+        # it waits for the rest.
         timeout = self.config.poll_timeout_s if wait else 0
         messages = reader.consumer.consume(self.config.batch_size, timeout=timeout)
         records = []
@@ -470,14 +457,14 @@ class ReadPartitionFn(beam.DoFn):
             call.advance(MAX_TIMESTAMP)
             return
         # Caught up: time passes without records, so the watermark follows the clock.
-        reader.last_idle_poll_at = time.monotonic()
-        if reader.last_idle_poll_at - reader.last_idle_commit_at >= IDLE_COMMIT_EVERY_S:
+        now = time.monotonic()
+        if now - reader.last_idle_commit_at >= IDLE_COMMIT_EVERY_S:
             # Commit the same offset again, with this call's time: a restart
             # looks back at the dead-letter topic only to the oldest commit's
             # time, and an idle partition must not hold that back for days.
             # (Everything below the position is durable: the bundle that read
             # up to it has finished.)
-            reader.last_idle_commit_at = reader.last_idle_poll_at
+            reader.last_idle_commit_at = now
             call.next_offset = reader.position
         call.advance(Timestamp.now() - Duration(seconds=self.config.max_out_of_orderness_s))
         tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
