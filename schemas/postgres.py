@@ -14,7 +14,12 @@ import psycopg2
 from schemas.registry import SCHEMA_DIR
 
 DDL_FILE = os.path.join(SCHEMA_DIR, "postgres.sql")
-_LOCK = 4242  # pg_advisory_xact_lock key held while the DDL runs
+
+# Advisory lock keys, one owner so that no two uses collide (a collision is a deadlock):
+SCHEMA_LOCK = 4242      # pg_advisory_xact_lock(key) while the DDL runs
+PARTITION_LOCK = 4243   # pg_advisory_xact_lock(key) while a daily raw_events partition is created
+COMPACTION_LOCK = 4244  # pg_advisory_xact_lock(key, hashtext(group)): one ledger compaction per group
+LEASE_LOCK = 4245       # pg_try_advisory_lock(key, hashtext(group)): one run per group (transforms/lease.py)
 
 
 def connect(dsn: str):
@@ -34,5 +39,5 @@ def apply_schema(conn) -> None:
     with open(DDL_FILE) as f:
         ddl = f.read()
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         cur.execute(ddl)

@@ -42,6 +42,8 @@ from typing import Iterator, NamedTuple, Optional
 import psycopg2
 from psycopg2.extras import execute_values
 
+from schemas.postgres import COMPACTION_LOCK
+
 LOG = logging.getLogger(__name__)
 
 # (topic, partition) -> the committed offset: the first record not yet durable.
@@ -49,7 +51,7 @@ Committed = dict
 # (window_seconds, window_start_ms) -> Partial ({family: {entity: [counters]}})
 WindowPartials = dict
 
-_LOCK = 4244  # pg_advisory_xact_lock class: one compaction at a time per consumer group
+_LOCK = COMPACTION_LOCK  # one compaction at a time per consumer group
 
 
 @dataclass(frozen=True)

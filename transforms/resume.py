@@ -3,6 +3,8 @@
 A run can stop at any moment (a drain, SIGTERM, SIGKILL, a crash). What the
 next run needs, all resolved before its pipeline is built:
 
+- to be the group's only run: it takes the group's lease first
+  (transforms.lease), waiting while an earlier run still holds it;
 - the offset of every partition: the group's committed offsets (committed
   only after everything below them is durable: see transforms.ledger);
 - each open window's total so far: the window ledger's seeds, which
@@ -30,6 +32,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from confluent_kafka import TopicPartition
 
+from transforms.lease import GroupLease
 from transforms.kafka_read import KafkaReadConfig, PartitionSpec, list_partitions, topic_partitions
 from transforms.ledger import Committed, Seeds, WindowLedger, compact, prepare_resume, read_seeds
 from transforms.records import DeadLetter
@@ -48,6 +51,7 @@ class ResumePoint(NamedTuple):
     seeds: Seeds              # what the ledger holds for the job to start its windows from
     dead_lettered: frozenset  # of Coordinates at or above the committed offsets
     ledger: WindowLedger
+    lease: Optional[GroupLease] = None  # held until the process exits
 
     def committed(self) -> dict:
         return {(s.topic, s.partition): s.start for s in self.partitions}
@@ -58,7 +62,13 @@ class ResumePoint(NamedTuple):
 
 def resume_point(config: KafkaReadConfig, topics: Iterable[str], ledger: WindowLedger, dlq_topic: str,
                  finest_s: int, lateness_ms: int) -> ResumePoint:
-    """Resolves where a streaming job starts; see the module docstring."""
+    """Resolves where a streaming job starts; see the module docstring.
+
+    Blocks while another run of the group holds its lease: that run's last
+    commits must be final before the offsets and the ledger are read.
+    """
+    lease = GroupLease(ledger.dsn, ledger.group_id)
+    lease.acquire()
     apply_schema(ledger.dsn)  # the ledger's table, on a database the job has not used yet
     specs = list_partitions(config, topics)
     committed = {(s.topic, s.partition): s.start for s in specs}
@@ -69,7 +79,7 @@ def resume_point(config: KafkaReadConfig, topics: Iterable[str], ledger: WindowL
         highest[(topic, partition)] = max(offset, highest.get((topic, partition), offset))
     specs = [s._replace(horizon_ms=seeds.horizon_ms, dead_lettered_up_to=highest.get((s.topic, s.partition)))
              for s in specs]
-    return ResumePoint(specs, seeds, frozenset(decided), ledger)
+    return ResumePoint(specs, seeds, frozenset(decided), ledger, lease)
 
 
 def parse_dead_letter_key(key: Optional[bytes]) -> Optional[Coordinates]:

@@ -121,3 +121,29 @@ def test_sigkill_then_restart(fresh_stack, moment):
         job.wait(30)
     restart_until_idle(fresh_stack)
     assert_exact(fresh_stack, produced)
+
+
+def test_a_second_run_of_the_group_waits_for_the_first_to_stop(fresh_stack):
+    """A deploy that starts the new job before the old one stopped: the new
+    run waits on the group's lease, reads nothing meanwhile, and goes on from
+    where the old one stopped; every total exact."""
+    first = produce_stream(fresh_stack, 20000, seed=41)
+    old = start_job(fresh_stack, early_firing=1)          # runs until stopped
+    wait_until(old, lambda: committed_total(fresh_stack) > 3000)
+    new = start_job(fresh_stack, until_idle=5, early_firing=1)
+    try:
+        time.sleep(8)
+        assert new.poll() is None, new.stderr.read()[-3000:]
+        rows_while_waiting = ledger_rows(fresh_stack)
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(60) == 0, old.stderr.read()[-3000:]
+        second = produce_stream(fresh_stack, 4000, seed=42)
+        _, err = new.communicate(timeout=300)
+    finally:
+        for job in (old, new):
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert new.returncode == 0, err[-3000:]
+    assert f"waiting for the run that holds consumer group '{fresh_stack.group_id}' to stop" in err
+    assert rows_while_waiting > 0       # the old run was folding while the new one waited
+    assert_exact(fresh_stack, first + second)

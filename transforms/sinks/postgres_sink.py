@@ -36,7 +36,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from psycopg2.extras import execute_values
 
 from schemas import postgres as postgres_schema
-from schemas.postgres import connect, utc
+from schemas.postgres import PARTITION_LOCK, connect, utc
 from transforms.aggregate import WindowAggregate
 from transforms.dead_letters import event_dead_letter
 from transforms.records import Event
@@ -212,7 +212,7 @@ class _ArchiveWriter(threading.Thread):
         with conn, conn.cursor() as cur:
             for day in sorted(days - self.partitions):
                 start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
-                cur.execute("SELECT pg_advisory_xact_lock(4243)")
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
                 cur.execute(f"CREATE TABLE IF NOT EXISTS raw_events_{start:%Y%m%d} PARTITION OF raw_events "
                             "FOR VALUES FROM (%s) TO (%s)", (start, start + timedelta(days=1)))
             # Bytes, not text: psycopg2 passes them through (a str is decoded in C, which prints a
