@@ -20,14 +20,17 @@ import redis
 from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-BROKERS = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
-PG_BASE = os.environ.get("POSTGRES_DSN", "postgresql://analytics:analytics@127.0.0.1:5432/analytics")
-REDIS_BASE = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+from schemas.settings import setting
+from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS, PARTITIONS
+
+BROKERS = setting("KAFKA_BROKERS")
+PG_BASE = setting("POSTGRES_DSN")
+REDIS_BASE = setting("REDIS_URL").rsplit("/", 1)[0]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TOPICS = {"learning": ("learning.events.v1", 6), "content": ("content.events.v1", 3),
-          "engagement": ("engagement.events.v1", 3), "dlq": ("analytics.dlq.v1", 1),
-          "aggregated": ("analytics.aggregated.v1", 3)}
+# logical name -> (topic, partitions); a test's copies get a suffix
+TOPICS = {**{name.split(".")[0]: (name, PARTITIONS[name]) for name in EVENT_TOPICS},
+          "dlq": (DLQ_TOPIC, PARTITIONS[DLQ_TOPIC]), "aggregated": (AGGREGATES_TOPIC, PARTITIONS[AGGREGATES_TOPIC])}
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Stack:
     dsn: str
     redis_url: str
     group_id: str
+    brokers: str = BROKERS
+    pg_base: str = PG_BASE   # the server's DSN, without the schema
 
     def topic_for(self, base_topic: str) -> str:
         return f"{base_topic}.{self.suffix}"
@@ -45,7 +50,7 @@ class Stack:
         return ",".join(self.topics[k] for k in ("learning", "content", "engagement"))
 
     def pipeline_args(self, **extra) -> list[str]:
-        args = {"brokers": BROKERS, "topics": self.event_topics(), "dlq_topic": self.topics["dlq"],
+        args = {"brokers": self.brokers, "topics": self.event_topics(), "dlq_topic": self.topics["dlq"],
                 "aggregates_topic": self.topics["aggregated"], "group_id": self.group_id,
                 "redis_url": self.redis_url, "postgres_dsn": self.dsn}
         args.update(extra)
@@ -84,29 +89,66 @@ _free_redis_dbs = list(range(1, 16))
 
 
 @contextlib.contextmanager
-def isolated_stack():
-    """Own topics, Postgres schema and Redis database, removed afterwards."""
-    suffix = uuid.uuid4().hex[:10]
+def isolated_stack(*, brokers: str = BROKERS, pg_base: str = PG_BASE, redis_base: str = REDIS_BASE,
+                   suffix: str | None = None, schema: str | None = None,
+                   redis_db: int | None = None, problems: list[str] | None = None):
+    """Own topics, Postgres schema and Redis database, removed afterwards.
+
+    The tests call it without arguments. Other callers (scripts/benchmark,
+    scripts/chaos on servers of its own) may name the servers (``brokers``,
+    ``pg_base``, ``redis_base``), the suffix, the schema and the Redis DB (then not one of
+    the pool's), and pass ``problems``: then every cleanup step runs, waiting
+    for the topics' deletion, and its failures are appended there, not raised.
+    """
+    suffix = suffix or uuid.uuid4().hex[:10]
     topics = {k: f"{name}.{suffix}" for k, (name, _) in TOPICS.items()}
-    admin = AdminClient({"bootstrap.servers": BROKERS})
+    admin = AdminClient({"bootstrap.servers": brokers})
     futures = admin.create_topics([NewTopic(topics[k], n, 1) for k, (_, n) in TOPICS.items()])
     for f in futures.values():
         f.result(30)
-    schema = f"it_{suffix}"
-    with psycopg2.connect(PG_BASE) as conn, conn.cursor() as cur:
+    schema = schema or f"it_{suffix}"
+    with psycopg2.connect(pg_base) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE SCHEMA {schema}")
-    db = _free_redis_dbs.pop(0)
-    redis_url = f"{REDIS_BASE}/{db}"
+    db = _free_redis_dbs.pop(0) if redis_db is None else redis_db
+    redis_url = f"{redis_base}/{db}"
     redis.Redis.from_url(redis_url).flushdb()
     time.sleep(1)  # let topic metadata settle before producers and consumers use it
+    sep = "&" if "?" in pg_base else "?"
     try:
-        yield Stack(suffix, topics, f"{PG_BASE}?options=-csearch_path%3D{schema}", redis_url, f"it-{suffix}")
+        yield Stack(suffix, topics, f"{pg_base}{sep}options=-csearch_path%3D{schema}", redis_url, f"it-{suffix}",
+                    brokers, pg_base)
     finally:
-        admin.delete_topics(list(topics.values()))
-        with psycopg2.connect(PG_BASE) as conn, conn.cursor() as cur:
+        _remove(admin, list(topics.values()), pg_base, schema, redis_url, problems)
+        if redis_db is None:
+            _free_redis_dbs.append(db)
+
+
+def _remove(admin: AdminClient, topics: list[str], pg_base: str, schema: str, redis_url: str,
+            problems: list[str] | None) -> None:
+    """Deletes ``topics``, drops ``schema``, flushes ``redis_url``. Without ``problems``
+    the first failure raises; with it, each step's failure is appended and the next runs."""
+    def delete_topics() -> None:
+        futures = admin.delete_topics(topics, request_timeout=30)
+        for name, f in futures.items() if problems is not None else ():
+            try:
+                f.result(30)
+            except Exception as e:
+                problems.append(f"delete topic {name}: {e}")
+
+    def drop_schema() -> None:
+        with psycopg2.connect(pg_base, connect_timeout=10) as conn, conn.cursor() as cur:
             cur.execute(f"DROP SCHEMA {schema} CASCADE")
-        redis.Redis.from_url(redis_url).flushdb()
-        _free_redis_dbs.append(db)
+
+    steps = [("delete topics", delete_topics), (f"drop schema {schema}", drop_schema),
+             (f"flush {redis_url}", lambda: redis.Redis.from_url(redis_url, socket_connect_timeout=5).flushdb())]
+    for what, step in steps:
+        if problems is None:
+            step()
+            continue
+        try:
+            step()
+        except Exception as e:
+            problems.append(f"{what}: {e}")
 
 
 @pytest.fixture(scope="module")

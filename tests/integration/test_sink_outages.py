@@ -13,17 +13,12 @@ exact totals afterwards.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import random
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import psycopg2
 import pytest
@@ -34,6 +29,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from scripts.produce import TrafficConfig, generate, produce
 from tests.helpers import BASE_MS, answer, event
 from tests.integration.conftest import BROKERS, REPO
+from tests.integration.instances import OUTAGE_S, STACK_SH, Instance, private
 from tests.integration.expected import assert_metrics_match, expected_metrics
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics
 from transforms.aggregate import MetricRow, WindowAggregate
@@ -44,79 +40,9 @@ from transforms.sinks.resilience import CLOSED, SinkRetryConfig
 
 pytestmark = pytest.mark.integration
 
-STACK_SH = os.path.join(REPO, "scripts", "stack.sh")
 # Quick to open and to notice the service is back: tests measure outages of seconds.
 FAST = SinkRetryConfig(retries=3, backoff_base_s=0.05, probe_interval_s=0.5, probe_timeout_s=2.0,
                        write_timeout_s=1.0)
-OUTAGE_S = 4.0
-
-
-def stack_sh(*args: str, timeout: float = 120) -> str:
-    proc = subprocess.run([STACK_SH, *args], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"stack.sh {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-    return proc.stdout
-
-
-def free_port(span: int = 1) -> int:
-    """A loopback port, with the ``span - 1`` ports above it, free now and below
-    the kernel's ephemeral range: a port the kernel hands to client sockets
-    (as bind(0) does) may be taken again by one before the server binds it."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000 - span)
-        try:
-            for p in range(port, port + span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free loopback port")
-
-
-@dataclass
-class Instance:
-    """A private server of scripts/stack.sh: ``stop``/``start`` make an outage."""
-    service: str
-    port: int
-
-    def start(self) -> None:
-        stack_sh("instance", "up", self.service, str(self.port))
-
-    def stop(self) -> None:
-        stack_sh("instance", "down", self.service, str(self.port))
-
-    @contextmanager
-    def outage(self, seconds: float = OUTAGE_S):
-        """Stops the server now and starts it again ``seconds`` later, from a thread."""
-        self.stop()
-        failed: list = []
-
-        def come_back():
-            time.sleep(seconds)
-            try:
-                self.start()
-            except BaseException as e:  # reported below, on the test's thread
-                failed.append(e)
-
-        t = threading.Thread(target=come_back, daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            t.join(seconds + 120)
-        assert not t.is_alive() and not failed, f"{self.service} did not come back: {failed}"
-
-
-@contextmanager
-def private(service: str, span: int = 1):
-    port = free_port(span)
-    inst = Instance(service, port)
-    try:
-        inst.start()
-        yield inst
-    finally:
-        subprocess.run([STACK_SH, "instance", "purge", service, str(port)], capture_output=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
