@@ -2,16 +2,20 @@
 
     python -m scripts.chaos --trials 20                  # about a minute a trial
     python -m scripts.chaos --trials 6 --kinds kill,term --seed 3
+    python -m scripts.chaos --trials 5 --kinds redis --servers stack   # outages of the shared stack
 
-Each trial runs on topics, a Postgres schema and a Redis database of its own
-(on the local stack of scripts/stack.sh, loopback only). A producer sends a
+The trials run on a Redis, a Postgres and a Kafka broker of their own
+(``scripts/stack.sh instance``, on free loopback ports, purged at the end),
+so they can run beside the test suite; ``--servers stack`` uses the shared
+stack instead (and its outages then hit everything else that uses it). Each
+trial has topics, a Postgres schema and a Redis database of its own. A producer sends a
 generated stream (2% malformed) at ``--rate`` while the streaming job runs
 under a small supervisor that restarts it whenever it exits before the
 stream is drained, as a process manager would. At a random moment one fault:
 
   kill      SIGKILL of the job's process group (launcher, Prism, workers)
   term      SIGTERM of the job
-  redis     Redis stopped for --outage-seconds (scripts/stack.sh stop/start)
+  redis     Redis stopped for --outage-seconds
   postgres  Postgres stopped likewise
   kafka     the broker stopped likewise
 
@@ -36,14 +40,16 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 from confluent_kafka import Consumer, TopicPartition
 
 from scripts.produce import TrafficConfig, generate, produce
 from tests.integration import conftest
-from tests.integration.conftest import BROKERS, REPO, isolated_stack
+from tests.integration.conftest import BROKERS, PG_BASE, REDIS_BASE, REPO, isolated_stack
+from tests.integration.instances import private
 from tests.integration.expected import expected_metrics
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics, topic_records
 
@@ -113,12 +119,12 @@ class Supervisor(threading.Thread):
                     pass
 
 
-def _consumer(group: str) -> Consumer:
-    return Consumer({"bootstrap.servers": BROKERS, "group.id": group, "socket.timeout.ms": 5000})
+def _consumer(stack, group: str) -> Consumer:
+    return Consumer({"bootstrap.servers": stack.brokers, "group.id": group, "socket.timeout.ms": 5000})
 
 
 def event_partitions(stack) -> list[TopicPartition]:
-    c = _consumer("chaos-probe")
+    c = _consumer(stack, "chaos-probe")
     try:
         return [TopicPartition(t, p) for t in stack.event_topics().split(",")
                 for p in c.list_topics(t, timeout=10).topics[t].partitions]
@@ -127,7 +133,7 @@ def event_partitions(stack) -> list[TopicPartition]:
 
 
 def end_offsets(stack) -> dict:
-    c = _consumer("chaos-probe")
+    c = _consumer(stack, "chaos-probe")
     try:
         return {(tp.topic, tp.partition): c.get_watermark_offsets(tp, timeout=10)[1] for tp in event_partitions(stack)}
     finally:
@@ -135,7 +141,7 @@ def end_offsets(stack) -> dict:
 
 
 def committed(stack) -> dict:
-    c = _consumer(stack.group_id)
+    c = _consumer(stack, stack.group_id)
     try:
         return {(tp.topic, tp.partition): tp.offset for tp in c.committed(event_partitions(stack), timeout=10)}
     finally:
@@ -155,18 +161,42 @@ def stack_verb(verb: str, service: str) -> None:
     subprocess.run(["bash", STACK, verb, service], cwd=REPO, check=True, capture_output=True, timeout=180)
 
 
-def inject(trial: Trial, sup: Supervisor, outage_s: float) -> float:
+@dataclass
+class Servers:
+    """Where the trials run, and how one of the services is stopped and started."""
+    brokers: str
+    pg_base: str
+    redis_base: str
+    instances: dict = field(default_factory=dict)  # kind -> Instance; empty: the shared stack
+
+    def stop(self, kind: str) -> None:
+        self.instances[kind].stop() if self.instances else stack_verb("stop", kind)
+
+    def start(self, kind: str) -> None:
+        self.instances[kind].start() if self.instances else stack_verb("start", kind)
+
+
+@contextmanager
+def private_servers() -> Iterator[Servers]:
+    """A Redis, a Postgres and a Kafka broker of the trials' own, purged when they end."""
+    print("chaos: starting private Redis, Postgres and Kafka (scripts/stack.sh instance up)", flush=True)
+    with private("redis") as r, private("postgres") as pg, private("kafka", span=2) as k:
+        yield Servers(f"127.0.0.1:{k.port}", f"postgresql://analytics:analytics@127.0.0.1:{pg.port}/analytics",
+                      f"redis://127.0.0.1:{r.port}", {"redis": r, "postgres": pg, "kafka": k})
+
+
+def inject(trial: Trial, sup: Supervisor, outage_s: float, servers: Servers) -> float:
     """Applies the fault; returns the monotonic time it ended."""
     if trial.kind == "kill":
         sup.signal(signal.SIGKILL)
     elif trial.kind == "term":
         sup.signal(signal.SIGTERM)
     else:
-        stack_verb("stop", trial.kind)
+        servers.stop(trial.kind)
         try:
             time.sleep(outage_s)
         finally:
-            stack_verb("start", trial.kind)
+            servers.start(trial.kind)
     return time.monotonic()
 
 
@@ -192,7 +222,7 @@ def check(trial: Trial, stack, produced: list) -> None:
             trial.twice += int(max(0, diff))
     trial.archived_ok = postgres_scalar(stack.dsn, "SELECT count(*) FROM raw_events") == len(valid)
     letters = Counter((rec["source_topic"], rec["source_partition"], rec["source_offset"])
-                      for _, rec in topic_records(BROKERS, stack.topics["dlq"]))
+                      for _, rec in topic_records(stack.brokers, stack.topics["dlq"]))
     trial.dead_letters_twice = sum(n - 1 for n in letters.values())
     if len(letters) != sum(1 for r in produced if r.error_code):
         trial.notes.append(f"{len(letters)} dead-lettered records for "
@@ -212,8 +242,8 @@ def _same(have: Optional[dict], want: dict) -> bool:
         name in have and abs(float(have[name]) - v) <= 1e-9 * max(1.0, abs(v)) for name, v in want.items())
 
 
-def run_trial(trial: Trial, args, rng: random.Random) -> None:
-    with isolated_stack() as stack:
+def run_trial(trial: Trial, args, rng: random.Random, servers: Servers) -> None:
+    with isolated_stack(brokers=servers.brokers, pg_base=servers.pg_base, redis_base=servers.redis_base) as stack:
         cfg = TrafficConfig(events=args.events, users=100, concepts=20, content_items=40,
                             span_seconds=args.span_seconds, malformed_fraction=0.02,
                             json_fraction=0.2, seed=rng.randrange(1 << 30))
@@ -221,14 +251,14 @@ def run_trial(trial: Trial, args, rng: random.Random) -> None:
         deadline = time.monotonic() + args.trial_seconds
         sup = Supervisor(stack, until_idle=args.until_idle, deadline=deadline)
         # The sender waits out a broker outage rather than give records up.
-        sender = threading.Thread(target=produce, args=(iter(produced), BROKERS, args.rate),
+        sender = threading.Thread(target=produce, args=(iter(produced), stack.brokers, args.rate),
                                   kwargs={"deliver_within_s": args.trial_seconds}, daemon=True)
         began = time.monotonic()
         sup.start()
         sender.start()
         trial.at_s = rng.uniform(args.earliest, args.events / args.rate)
         time.sleep(max(0.0, began + trial.at_s - time.monotonic()))
-        ended = inject(trial, sup, args.outage_seconds)
+        ended = inject(trial, sup, args.outage_seconds, servers)
         sender.join(max(1.0, deadline - time.monotonic()))
         ends = end_offsets(stack)
         while not all_committed(stack, ends) and time.monotonic() < deadline:
@@ -245,20 +275,48 @@ def run_trial(trial: Trial, args, rng: random.Random) -> None:
         check(trial, stack, produced)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=20, help="how many trials (default 20)")
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"faults to draw from (default {','.join(KINDS)})")
-    ap.add_argument("--events", type=int, default=20000, help="events per trial (default 20000)")
-    ap.add_argument("--rate", type=float, default=2000, help="events sent per second (default 2000)")
-    ap.add_argument("--span-seconds", type=float, default=1800,
-                    help="event-time span of a trial's stream, ending now (default 1800)")
-    ap.add_argument("--outage-seconds", type=float, default=30, help="how long a service is down (default 30)")
-    ap.add_argument("--earliest", type=float, default=3, help="earliest fault, seconds after the start (default 3)")
-    ap.add_argument("--until-idle", type=float, default=8, help="the job's --until_idle (default 8)")
-    ap.add_argument("--trial-seconds", type=float, default=300, help="a trial's deadline (default 300)")
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Beam's spelling (underscores) like every command; the hyphenated forms still work.
+    ap.add_argument("--trials", type=int, default=20, help="how many trials")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="faults to draw from, in turn")
+    ap.add_argument("--events", type=int, default=20000, help="events per trial")
+    ap.add_argument("--rate", type=float, default=2000, help="events sent per second")
+    ap.add_argument("--span_seconds", "--span-seconds", type=float, default=1800,
+                    help="event-time span of a trial's stream, ending now")
+    ap.add_argument("--outage_seconds", "--outage-seconds", type=float, default=30,
+                    help="how long a service is down")
+    ap.add_argument("--earliest", type=float, default=3, help="earliest fault, seconds after the start")
+    ap.add_argument("--until_idle", "--until-idle", type=float, default=8, help="the job's --until_idle")
+    ap.add_argument("--trial_seconds", "--trial-seconds", type=float, default=300, help="a trial's deadline")
+    ap.add_argument("--servers", choices=("private", "stack"), default="private",
+                    help="private: a Redis, Postgres and Kafka of the trials' own; stack: the shared stack's "
+                         "(its outages then hit everything else using it)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def print_row(trial: Trial) -> None:
+    recover = "-" if trial.recover_s is None else f"{trial.recover_s:.1f}"
+    print(f"{trial.number:>5} {trial.kind:9} {trial.at_s:6.1f} {trial.windows_exact:>6}/{trial.windows:<7} "
+          f"{trial.lost:>6} {trial.twice:>6} {trial.dead_letters_twice:>9} "
+          f"{'ok' if trial.archived_ok else 'WRONG':>7} {trial.restarts:>8} {recover:>9} {trial.error} "
+          f"{'; '.join(trial.notes)}", flush=True)
+
+
+def print_totals(trials: list[Trial]) -> None:
+    exact = sum(t.exact for t in trials)
+    recovered = sorted(t.recover_s for t in trials if t.recover_s is not None)
+    print(f"chaos: {exact} of {len(trials)} trials exact; events lost {sum(t.lost for t in trials)}, "
+          f"counted twice {sum(t.twice for t in trials)}, dead letters twice "
+          f"{sum(t.dead_letters_twice for t in trials)}; recovery median "
+          f"{recovered[len(recovered) // 2] if recovered else float('nan'):.1f}s, max "
+          f"{max(recovered, default=float('nan')):.1f}s")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds or args.trials < 1 or args.events < 1 or args.rate <= 0:
@@ -266,33 +324,27 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     # Redis databases of their own, apart from the test suite's (1 and up) and
-    # the benchmark's (14): a test run beside the trials must not flush them.
+    # the benchmark's (14), should the trials run on the shared stack.
     conftest._free_redis_dbs[:] = [12, 13]
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
-    print(f"chaos: {args.trials} trials of {kinds}, {args.events} events at {args.rate:.0f}/s, seed {seed}")
-    print(f"{'trial':>5} {'fault':9} {'at s':>6} {'windows exact':>14} {'lost':>6} {'twice':>6} "
-          f"{'dlq twice':>9} {'archive':>7} {'restarts':>8} {'recover s':>9}")
+    servers = private_servers() if args.servers == "private" else nullcontext(Servers(BROKERS, PG_BASE, REDIS_BASE))
     trials = []
-    for n in range(1, args.trials + 1):
-        trial = Trial(n, kinds[(n - 1) % len(kinds)] if len(kinds) > 1 else kinds[0])
-        try:
-            run_trial(trial, args, rng)
-        except Exception as e:  # a trial that breaks is reported, not hidden
-            trial.error = f"{type(e).__name__}: {e}"
-        trials.append(trial)
-        recover = "-" if trial.recover_s is None else f"{trial.recover_s:.1f}"
-        print(f"{n:>5} {trial.kind:9} {trial.at_s:6.1f} {trial.windows_exact:>6}/{trial.windows:<7} {trial.lost:>6} "
-              f"{trial.twice:>6} {trial.dead_letters_twice:>9} {'ok' if trial.archived_ok else 'WRONG':>7} "
-              f"{trial.restarts:>8} {recover:>9} {trial.error} {'; '.join(trial.notes)}", flush=True)
-    exact = sum(t.exact for t in trials)
-    recovered = [t.recover_s for t in trials if t.recover_s is not None]
-    print(f"chaos: {exact} of {len(trials)} trials exact; events lost {sum(t.lost for t in trials)}, "
-          f"counted twice {sum(t.twice for t in trials)}, dead letters twice "
-          f"{sum(t.dead_letters_twice for t in trials)}; recovery median "
-          f"{sorted(recovered)[len(recovered) // 2] if recovered else float('nan'):.1f}s, max "
-          f"{max(recovered, default=float('nan')):.1f}s")
-    return 0 if exact == len(trials) else 1
+    with servers as where:
+        print(f"chaos: {args.trials} trials of {kinds}, {args.events} events at {args.rate:.0f}/s, seed {seed}, "
+              f"Kafka {where.brokers}")
+        print(f"{'trial':>5} {'fault':9} {'at s':>6} {'windows exact':>14} {'lost':>6} {'twice':>6} "
+              f"{'dlq twice':>9} {'archive':>7} {'restarts':>8} {'recover s':>9}")
+        for n in range(1, args.trials + 1):
+            trial = Trial(n, kinds[(n - 1) % len(kinds)])
+            try:
+                run_trial(trial, args, rng, where)
+            except Exception as e:  # a trial that breaks is reported, not hidden
+                trial.error = f"{type(e).__name__}: {e}"
+            trials.append(trial)
+            print_row(trial)
+    print_totals(trials)
+    return 0 if all(t.exact for t in trials) else 1
 
 
 if __name__ == "__main__":
