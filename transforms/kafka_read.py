@@ -97,6 +97,47 @@ class _PartitionWatermarks:
             return None if any(v is None for v in values) else min(values)
 
 
+class _GroupCommits:
+    """A consumer group's offset commits from this process: in order, never backwards.
+
+    A bundle's offsets are committed when the runner finalizes it, and two
+    bundles of a partition may be finalized on DoFn instances with consumers
+    of their own: asynchronous commits from two clients can land in either
+    order, and a lower offset landing last would move the group back. The
+    ledger compactor may meanwhile have merged rows above that offset, which
+    a restart would then drop while reading on from below them: events lost.
+    So every commit of a group goes through one client, in the order asked,
+    and an offset below one already committed is skipped. (Workers in several
+    processes each have their own; see README "Known limits".)
+    """
+    _lock = threading.Lock()
+    _groups: dict = {}
+
+    def __init__(self, consumer: Consumer):
+        self.consumer = consumer
+        self.highest: dict = {}
+        self.skipped = 0
+
+    @classmethod
+    def of(cls, config: "KafkaReadConfig") -> "_GroupCommits":
+        with cls._lock:
+            key = (config.brokers, config.group_id)
+            if key not in cls._groups:
+                cls._groups[key] = cls(config.consumer())
+            return cls._groups[key]
+
+    def commit(self, tp: TopicPartition) -> bool:
+        """Commits ``tp`` (offset and metadata) unless a higher offset was committed; True if sent."""
+        with self._lock:
+            key = (tp.topic, tp.partition)
+            if tp.offset < self.highest.get(key, -1):
+                self.skipped += 1
+                return False
+            self.highest[key] = tp.offset
+            self.consumer.commit(offsets=[tp], asynchronous=True)
+            return True
+
+
 @dataclass(frozen=True)
 class KafkaReadConfig:
     """How to read: brokers, consumer group, batching, watermark and idleness."""
@@ -501,19 +542,19 @@ class ReadPartitionFn(beam.DoFn):
         bundle of this stage to finalize, and the SDK only keeps a bundle
         finalizable when it has a callback.
         """
-        consumer, key = reader.consumer, (reader.topic, reader.partition)
+        commits, key = _GroupCommits.of(self.config), (reader.topic, reader.partition)
         commit = self.config.commit_offsets and call.next_offset is not None
         since = call.started_ms
         if spec.dead_lettered_up_to is not None and spec.since_ms is not None \
                 and (call.next_offset or 0) <= spec.dead_lettered_up_to:
             since = min(since, spec.since_ms)
-        offsets = [TopicPartition(reader.topic, reader.partition, call.next_offset,
-                                  metadata=str(since))] if commit else None
+        offset = TopicPartition(reader.topic, reader.partition, call.next_offset,
+                                metadata=str(since)) if commit else None
         read_id, partitions, to = self.read_id, self.partitions, call.watermark
 
         def finalize():
-            if offsets:
-                consumer.commit(offsets=offsets, asynchronous=True)
+            if offset is not None:
+                commits.commit(offset)
             if to is not None:
                 _PartitionWatermarks.advance(read_id, partitions, key, to)
 
