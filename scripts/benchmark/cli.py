@@ -28,21 +28,24 @@ SPAN_S = 7200
 
 def parser() -> argparse.ArgumentParser:
     """The options of ``python -m scripts.benchmark``, each with its default in --help."""
-    ap = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=package.__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=package.__doc__.split("\n\n")[0],
+                                 epilog="Options take Beam's spelling (underscores); the hyphenated forms of "
+                                        "earlier releases are accepted too.")
     ap.add_argument("--events", type=int, default=200000, help="events for the throughput runs (default: %(default)s)")
-    ap.add_argument("--latency-seconds", type=float, default=20.0,
+    ap.add_argument("--latency_seconds", "--latency-seconds", type=float, default=20.0,
                     help="how long to send live traffic (default: %(default)s)")
     ap.add_argument("--rate", type=float, default=2000.0, help="events/s of the live traffic (default: %(default)s)")
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write the report as JSON here (default: none)")
     ap.add_argument("--brokers", default=BROKERS,
-                    help="Kafka bootstrap servers (default: %(default)s, from $KAFKA_BROKERS if set)")
-    ap.add_argument("--redis-db", type=int, default=14, help="Redis database to use, flushed (default: %(default)s)")
-    ap.add_argument("--pipeline-timeout", type=float, default=600.0,
+                    help="Kafka bootstrap servers [KAFKA_BROKERS] (default: %(default)s)")
+    ap.add_argument("--redis_db", "--redis-db", type=int, default=14,
+                    help="Redis database to use, flushed (default: %(default)s)")
+    ap.add_argument("--pipeline_timeout", "--pipeline-timeout", type=float, default=600.0,
                     help="seconds before a throughput run counts as hung and is stopped (default: %(default)s)")
-    ap.add_argument("--keep-logs", metavar="DIR", default=None,
+    ap.add_argument("--keep_logs", "--keep-logs", metavar="DIR", default=None,
                     help="keep each streaming job's stdout/stderr in DIR (default: none, temporary files)")
-    ap.add_argument("--latency-ready-sleep", type=float, default=0.0, metavar="S",
+    ap.add_argument("--latency_ready_sleep", "--latency-ready-sleep", type=float, default=0.0, metavar="S",
                     help="instead of warm-up traffic until a first pane shows in Redis, sleep S seconds "
                          "after starting the latency job (default: %(default)s, i.e. warm up)")
     ap.add_argument("--drains", type=int, default=1, metavar="N",
@@ -51,15 +54,16 @@ def parser() -> argparse.ArgumentParser:
                          "the Redis DB emptied first, each checked against the baseline (default: %(default)s)")
     ap.add_argument("--load", type=int, default=0, metavar="K",
                     help="K busy-loop processes beside the drains, ended when they end (each stops by "
-                         "itself after --pipeline-timeout x --drains seconds); the load average during "
+                         "itself after --pipeline_timeout x --drains seconds); the load average during "
                          "the drains is reported (default: %(default)s)")
-    ap.add_argument("--pipeline-arg", action="append", default=[], metavar="ARG",
+    ap.add_argument("--pipeline_arg", "--pipeline-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for every streaming job, repeatable, e.g. "
-                         "--pipeline-arg=--prism_log_level=debug (default: none)")
+                         "--pipeline_arg=--prism_log_level=debug (default: none)")
     for what, runs in (("throughput", "producing, the baseline and the streaming and replay runs"),
                        ("sinks-off", "the streaming run with sinks off"), ("latency", "the live-latency run"),
                        ("replay", "the replay to Parquet")):
-        ap.add_argument(f"--skip-{what}", action="store_true", help=f"skip {runs} (default: off)")
+        ap.add_argument(f"--skip_{what.replace('-', '_')}", f"--skip-{what}", action="store_true",
+                        help=f"skip {runs} (default: off)")
     return ap
 
 
