@@ -34,6 +34,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
+from pipelines import logs
 from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_batch_runner
 from pipelines.preflight import check_services
 from schemas.settings import parse_instant
@@ -170,7 +171,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def main() -> int:
     """The console entry point (setup.py), and ``python -m pipelines.replay``."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     return run()
 
 

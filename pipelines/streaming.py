@@ -21,6 +21,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from pipelines import logs
 from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_local_runner
 from pipelines.preflight import check_services
 from transforms.aggregate import WindowedMetrics
@@ -157,7 +158,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def main() -> int:
     """The console entry point (setup.py), and ``python -m pipelines.streaming``."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     return run()
 
 
