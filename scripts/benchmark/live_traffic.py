@@ -4,7 +4,7 @@ from __future__ import annotations
 from confluent_kafka import Producer
 
 from schemas import default_registry
-from schemas.wire import encode_avro, encode_json, plain_parsed
+from schemas.wire import encode_avro, encode_json, plain_parsed, produce_waiting
 from scripts.produce import TrafficConfig, generate
 from tests.integration.conftest import TOPICS
 
@@ -41,13 +41,8 @@ class LiveSender:
         fields = dict(fields, occurred_at=now_ms)
         value = (encode_json(etype, fields) if as_json
                  else encode_avro(self.entries[etype], fields, self.parsed[etype]))
-        while True:
-            try:
-                self.producer.produce(self.topics[topic_key], value, key, timestamp=now_ms, headers=headers,
-                                      on_delivery=self._on_delivery)
-                break
-            except BufferError:
-                self.producer.poll(0.01)
+        produce_waiting(self.producer, self.topics[topic_key], value, key, timestamp=now_ms, headers=headers,
+                        on_delivery=self._on_delivery)
         self.producer.poll(0)
 
     def flush(self, timeout: float) -> None:
