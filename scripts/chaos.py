@@ -37,6 +37,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -89,11 +90,13 @@ class Supervisor(threading.Thread):
         self.job: Optional[subprocess.Popen] = None
         self.done = threading.Event()      # no more input will come
         self.finished = threading.Event()  # a run drained everything and exited 0
+        self.stopping = threading.Event()  # the trial is over: start no more runs
         self.runs = 0
+        self.stderr: list[str] = []  # each run's stderr, for the log of a trial that fails
         self.lock = threading.Lock()
 
     def run(self):
-        while time.monotonic() < self.deadline:
+        while time.monotonic() < self.deadline and not self.stopping.is_set():
             cmd = [sys.executable, "-m", "pipelines.streaming",
                    *self.stack.pipeline_args(until_idle=self.until_idle, early_firing=1)]
             with self.lock:
@@ -104,11 +107,18 @@ class Supervisor(threading.Thread):
                 _, err = self.job.communicate(timeout=max(1.0, self.deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
+                self.stderr.append(self.job.communicate()[1])
                 return
+            self.stderr.append(err)
             if self.job.returncode == 0 and self.done.is_set() and all_committed(self.stack):
                 self.finished.set()
                 return
             time.sleep(2)  # a service may still be down: try again shortly
+
+    def stop(self) -> None:
+        """Starts no more runs and kills the current one."""
+        self.stopping.set()
+        self.signal(signal.SIGKILL)
 
     def signal(self, sig: int) -> None:
         with self.lock:
@@ -256,23 +266,47 @@ def run_trial(trial: Trial, args, rng: random.Random, servers: Servers) -> None:
         began = time.monotonic()
         sup.start()
         sender.start()
-        trial.at_s = rng.uniform(args.earliest, args.events / args.rate)
-        time.sleep(max(0.0, began + trial.at_s - time.monotonic()))
-        ended = inject(trial, sup, args.outage_seconds, servers)
-        sender.join(max(1.0, deadline - time.monotonic()))
-        ends = end_offsets(stack)
-        while not all_committed(stack, ends) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if all_committed(stack, ends):
-            trial.recover_s = time.monotonic() - ended
-        sup.done.set()
-        sup.finished.wait(max(1.0, deadline - time.monotonic()))
-        sup.signal(signal.SIGKILL)
-        trial.restarts = sup.runs - 1
-        if not sup.finished.is_set():
-            trial.error = "did not drain in time"
-            return
+        try:
+            _drive(trial, args, rng, servers, stack, sup, sender, produced, began, deadline)
+        finally:
+            sup.stop()
+
+
+def _drive(trial: Trial, args, rng: random.Random, servers: Servers, stack, sup: Supervisor,
+           sender: threading.Thread, produced: list, began: float, deadline: float) -> None:
+    """Injects the trial's fault, waits for the job to drain, checks the windows."""
+    trial.at_s = rng.uniform(args.earliest, args.events / args.rate)
+    time.sleep(max(0.0, began + trial.at_s - time.monotonic()))
+    ended = inject(trial, sup, args.outage_seconds, servers)
+    sender.join(max(1.0, deadline - time.monotonic()))
+    ends = end_offsets(stack)
+    while not all_committed(stack, ends) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if all_committed(stack, ends):
+        trial.recover_s = time.monotonic() - ended
+    sup.done.set()
+    sup.finished.wait(max(1.0, deadline - time.monotonic()))
+    sup.signal(signal.SIGKILL)
+    trial.restarts = sup.runs - 1
+    if not sup.finished.is_set():
+        trial.error = "did not drain in time"
+    else:
         check(trial, stack, produced)
+    if not trial.exact:
+        keep_log(trial, sup, stack)
+
+
+def keep_log(trial: Trial, sup: Supervisor, stack) -> None:
+    """Writes the failed trial's job output (every run's stderr) and offsets to a file named in its notes."""
+    path = os.path.join(tempfile.gettempdir(), f"chaos-trial-{trial.number}-{stack.suffix}.log")
+    with open(path, "w") as f:
+        for n, err in enumerate(sup.stderr, 1):
+            f.write(f"==== run {n} stderr\n{err}\n")
+        try:
+            f.write(f"==== committed {committed(stack)}\n==== end offsets {end_offsets(stack)}\n")
+        except Exception as e:  # the broker may be what failed
+            f.write(f"==== offsets unavailable: {e}\n")
+    trial.notes.append(f"log: {path}")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -317,6 +351,9 @@ def print_totals(trials: list[Trial]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (say, from `timeout`) unwinds like Ctrl-C: the running job is
+    # killed and the private servers purged by the blocks that started them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds or args.trials < 1 or args.events < 1 or args.rate <= 0:
