@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, P
                                                   PrismRunnerOptions, StandardOptions)
 from apache_beam.runners.runner import PipelineRunner
 
+from pipelines.logs import tag
 from schemas.settings import WINDOW_SIZES_S, setting
 from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
 from transforms.sinks import AggregateSinks
@@ -211,7 +212,7 @@ def redact(url: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(tag(f"error: {message}"), file=sys.stderr)
     sys.exit(code)
 
 
