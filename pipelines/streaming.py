@@ -33,8 +33,7 @@ from pipelines import logs
 from pipelines.options import (AnalyticsOptions, ServiceOptions, check_options, fail, help_if_asked, redact,
                                use_local_runner)
 from pipelines.preflight import check_services
-from service.app import ServiceContext, create_app
-from service.server import Server, ServerError
+from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
@@ -162,18 +161,6 @@ def option_names(*option_classes) -> list[str]:
     return [a.dest for a in parser._actions]
 
 
-class Service:
-    """The HTTP service of a running job: its context (what it reports) and its server."""
-
-    def __init__(self, ctx: ServiceContext, server: Server):
-        self.ctx, self.server = ctx, server
-
-    def stop(self) -> None:
-        """Last of all: the server closes, then the clients it held."""
-        self.server.stop()
-        self.ctx.close()
-
-
 def start_service(options: PipelineOptions) -> Optional[Service]:
     """Starts the analytics service before the pipeline runs (None when --http_port is 0); exits 2
     when it cannot listen."""
@@ -183,17 +170,13 @@ def start_service(options: PipelineOptions) -> Optional[Service]:
     every = options.get_all_options()
     ours = {name: every.get(name) for name in option_names(AnalyticsOptions, StreamingOptions, ServiceOptions)}
     shown = redact_options(dict(ours, runner=every.get("runner")), redact)
-    ctx = ServiceContext.for_job(options.view_as(AnalyticsOptions), shown)
-    server = Server(create_app(ctx), sopts.http_host, int(sopts.http_port))
     try:
-        server.start()
+        service = Service.start(options.view_as(AnalyticsOptions), sopts.http_host, int(sopts.http_port), shown)
     except ServerError as e:
-        ctx.close()
         fail(f"--http_host/--http_port: {e}")
-    ctx.start()
-    print(f"analytics service listening on {server.url} (/health, /metrics, /events/status, /events/replay)",
-          file=sys.stderr)
-    return Service(ctx, server)
+    print(f"analytics service listening on {service.server.url} (/health, /metrics, /events/status, "
+          "/events/replay)", file=sys.stderr)
+    return service
 
 
 def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service]) -> int:

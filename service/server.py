@@ -1,9 +1,8 @@
 """Runs the service's HTTP server (uvicorn) on a daemon thread of the job's launcher.
 
-    server = Server(app, "127.0.0.1", 8080)
-    server.start()        # returns once it listens; raises ServerError when it cannot
-    ...                   # the pipeline runs
-    server.stop()         # bounded: at most STOP_S
+    service = Service.start(analytics_options, "127.0.0.1", 8080, shown_options)   # listening, or ServerError
+    service.ctx.attach(result)      # once the pipeline runs
+    service.stop()                  # last: bounded, at most STOP_S
 
 On a thread, uvicorn installs no signal handlers: SIGTERM and Ctrl-C stay the
 launcher's, which drains the job first and stops the server last.
@@ -14,6 +13,8 @@ import threading
 import time
 
 import uvicorn
+
+from service.app import ServiceContext, create_app
 
 START_S = 15.0
 STOP_S = 5.0
@@ -58,3 +59,29 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+class Service:
+    """The HTTP service of a running job: its context (what it reports) and its server."""
+
+    def __init__(self, ctx: ServiceContext, server: Server):
+        self.ctx, self.server = ctx, server
+
+    @classmethod
+    def start(cls, opts, host: str, port: int, shown_options: dict) -> "Service":
+        """In: the job's AnalyticsOptions, where to listen, the options to show (redacted).
+        Out: the service, listening. Raises ServerError when it cannot listen."""
+        ctx = ServiceContext.for_job(opts, shown_options)
+        server = Server(create_app(ctx), host, port)
+        try:
+            server.start()
+        except ServerError:
+            ctx.close()
+            raise
+        ctx.start()
+        return cls(ctx, server)
+
+    def stop(self) -> None:
+        """Last of all: the server closes, then the clients it held."""
+        self.server.stop()
+        self.ctx.close()
