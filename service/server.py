@@ -17,7 +17,9 @@ import uvicorn
 from service.app import ServiceContext, create_app
 
 START_S = 15.0
-STOP_S = 5.0
+# The app's lifespan ends a running replay at shutdown (SIGTERM, SIGKILL 10 s later:
+# service/replay_api.py); the stop waits that long, plus margin, and no longer.
+STOP_S = 20.0
 
 
 class ServerError(RuntimeError):
@@ -28,7 +30,7 @@ class Server:
     def __init__(self, app, host: str, port: int):
         # log_config None: uvicorn's loggers go through the job's own log format.
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2)
+                                lifespan="on", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="http-service", daemon=True)
         self.host, self.port = host, port
