@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["pipelines", "transforms", "transforms.*", "schemas"]),
+    packages=find_packages(include=["pipelines", "transforms", "transforms.*", "schemas", "service"]),
     package_data={"schemas": ["registry.json", "avro/*/*.avsc", "postgres.sql"]},
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",
@@ -20,8 +20,12 @@ setup(
         "psycopg2-binary>=2.9,<3",
         "pyarrow>=14",
         "tenacity>=8.2,<10",
+        # The analytics service (service/): HTTP, Prometheus text.
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
+        "prometheus-client>=0.20,<1",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "httpx>=0.27,<1"]},
     # The same commands as `python -m pipelines.streaming` (and .replay,
     # .recover_dead_letters), on the PATH once the package is installed.
     entry_points={"console_scripts": [

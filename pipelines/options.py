@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, P
                                                   PrismRunnerOptions, StandardOptions)
 from apache_beam.runners.runner import PipelineRunner
 
+from pipelines.logs import tag
 from schemas.settings import WINDOW_SIZES_S, setting
 from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
 from transforms.sinks import AggregateSinks
@@ -135,6 +136,18 @@ class AnalyticsOptions(PipelineOptions):
                               kafka_topic=self.aggregates_topic, retry=self.sink_retry_config())
 
 
+class ServiceOptions(PipelineOptions):
+    """The analytics service beside the streaming job (service/): HTTP health, status, metrics, replay."""
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("analytics service")
+        g.add_argument("--http_host", default="127.0.0.1",
+                       help="address the HTTP service listens on (0.0.0.0: every interface)")
+        g.add_argument("--http_port", type=_lenient(int), default=_lenient(int)(_env("HTTP_PORT", "8080")),
+                       help="port of /health, /metrics, /events/status and /events/replay; 0 turns "
+                            "the service off [HTTP_PORT]")
+
+
 def help_if_asked(argv: Optional[list], prog: str, description: str, *option_classes) -> None:
     """Answers -h/--help with every option of ``option_classes``, its default
     and environment variable, then exits 0. (Beam's PipelineOptions(argv)
@@ -199,7 +212,7 @@ def redact(url: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(tag(f"error: {message}"), file=sys.stderr)
     sys.exit(code)
 
 
@@ -228,10 +241,12 @@ NUMERIC_OPTIONS = {
     "progress_every": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 5"),
     "sink_retries": _Number(int, 1, True, None, "a whole number of attempts, 1 or more, e.g. 3"),
     "sink_probe_interval": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 2"),
+    "http_port": _Number(int, 0, True, 65535, "a port from 1 to 65535, or 0 to turn the service off, e.g. 8080"),
 }
 # Where an option's default comes from when it is not on the command line.
 ENV_OF = {"brokers": "KAFKA_BROKERS", "group_id": "ANALYTICS_GROUP_ID", "redis_url": "REDIS_URL",
-          "postgres_dsn": "POSTGRES_DSN", "batch_size": "BATCH_SIZE", "prism_path": "PRISM_PATH"}
+          "postgres_dsn": "POSTGRES_DSN", "batch_size": "BATCH_SIZE", "prism_path": "PRISM_PATH",
+          "http_port": "HTTP_PORT"}
 _BROKER = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d+))?")
 _WINDOW_SIZES_GIVE = "comma-separated whole seconds above 0, e.g. 60,300,3600,86400"
 
@@ -276,6 +291,8 @@ def check_options(options: PipelineOptions) -> None:
         unknown = _sink_names(str(values["sinks"])) - SINKS
         if unknown:
             fail(f"--sinks: unknown sink(s) {', '.join(sorted(unknown))}; choose from redis, postgres, kafka, none")
+    if "http_host" in values and not str(values["http_host"]).strip():
+        fail(f"--http_host {values['http_host']!r}: empty; give an address of this machine, e.g. 127.0.0.1")
     if "group_id" in values and not str(values["group_id"]).strip():
         fail(f"--group_id {values['group_id']!r}: empty; give a Kafka consumer group name, "
              "e.g. learning-analytics")

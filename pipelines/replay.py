@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -37,18 +39,17 @@ from apache_beam.runners.runner import PipelineState
 from pipelines import logs
 from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_batch_runner
 from pipelines.preflight import check_services
-from schemas.settings import parse_instant
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
 from transforms.dataset import WriteTrainingDataset
 from transforms.dataset_staging import StagedDataset
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
-from transforms.kafka_range import (BadRangeRequest, ResolvedRange, parse_offsets, resolve_offsets,
-                                    resolve_time_range)
+from transforms.kafka_range import BadRangeRequest, ResolvedRange
 from transforms.kafka_read import KafkaReadConfig
 from transforms.metrics_to_sinks import WindowedMetricsToSinks
 from transforms.replay_manifest import replay_manifest
 from transforms.replay_progress import ReplayProgress
+from transforms.replay_request import check_outputs, resolve_request
 from transforms.sinks import AggregateSinks
 from transforms.valid_events import ReadValidEvents
 
@@ -73,25 +74,11 @@ class ReplayOptions(PipelineOptions):
                             help="seconds between progress lines (records read of the range) on stderr")
 
 
-def _millis(text: str, name: str) -> int:
-    try:
-        return int(parse_instant(text).timestamp() * 1000)
-    except ValueError as e:
-        fail(f"--{name} {e}")
-
-
 def resolve(opts: AnalyticsOptions, ropts: ReplayOptions) -> tuple[ResolvedRange, Optional[tuple[int, int]]]:
     """The offsets to read, and the time range when one was asked for; exits 2 on a bad request."""
     config = KafkaReadConfig(brokers=opts.brokers, commit_offsets=False)
     try:
-        if ropts.offsets:
-            if ropts.start or ropts.end:
-                raise BadRangeRequest("give either --offsets or --start/--end, not both")
-            return resolve_offsets(config, parse_offsets(ropts.offsets)), None
-        if not (ropts.start and ropts.end):
-            raise BadRangeRequest("give --start and --end, or --offsets")
-        span = (_millis(ropts.start, "start"), _millis(ropts.end, "end"))
-        return resolve_time_range(config, opts.topic_list(), *span), span
+        return resolve_request(config, opts.topic_list(), ropts.start, ropts.end, ropts.offsets)
     except BadRangeRequest as e:
         fail(str(e))
 
@@ -126,27 +113,27 @@ def run(argv: Optional[list[str]] = None) -> int:
     options = PipelineOptions(argv)
     check_options(options)
     opts, ropts = options.view_as(AnalyticsOptions), options.view_as(ReplayOptions)
-    if not (ropts.output or ropts.aggregates or ropts.dead_letters):
-        fail("choose an output: --output DIR, --aggregates and/or --dead_letters")
-    output = os.path.abspath(ropts.output) if ropts.output else None
-    if output and os.path.exists(output) and not ropts.overwrite:
-        fail(f"{output} exists; pass --overwrite to replace it")
+    try:
+        output = check_outputs(ropts.output, ropts.aggregates, ropts.dead_letters, ropts.overwrite)
+    except BadRangeRequest as e:
+        fail(str(e))
     check_services(opts, redis_=False, postgres=ropts.aggregates or bool(ropts.output))
     offsets, span = resolve(opts, ropts)
-    print(f"replay: {offsets.total_records:,} records in {len(offsets.partitions)} partition ranges"
-          + (f", plus the archive for {len(offsets.archive_gaps)} partitions" if offsets.archive_gaps else ""),
-          file=sys.stderr)
+    print(logs.tag(f"replay: {offsets.total_records:,} records in {len(offsets.partitions)} partition ranges"
+                   + (f", plus the archive for {len(offsets.archive_gaps)} partitions" if offsets.archive_gaps
+                      else "")), file=sys.stderr)
 
     runner = use_batch_runner(options, ropts.workers)
     dataset = StagedDataset(output) if output else None
     began = time.monotonic()
-    progress = ReplayProgress(opts.brokers, offsets, ropts.progress_every)
+    progress = ReplayProgress(opts.brokers, offsets, ropts.progress_every, suffix=logs.tag(""))
     try:
         p = beam.Pipeline(runner=runner, options=options)
         build(p, opts, ropts, offsets, span, dataset, progress)
         progress.start()
         result = p.run()
         state = result.wait_until_finish()
+        _PUBLISHING.set()  # from here SIGTERM waits: the output appears whole or not at all
         progress.finish()
         if state != PipelineState.DONE:
             raise RuntimeError(f"job ended in state {state}")
@@ -154,25 +141,56 @@ def run(argv: Optional[list[str]] = None) -> int:
         summary = replay_manifest(result, offsets, requested, time.monotonic() - began)
         if dataset:
             dataset.publish(summary, ropts.overwrite)
-    except Exception as e:  # a failed replay leaves nothing that looks complete
+    except (Exception, Terminated) as e:  # a failed replay leaves nothing that looks complete
         if progress.is_alive():
             progress.finish()
         if dataset:
             dataset.discard()
         LOG.debug("replay failed", exc_info=True)
-        print(f"error: replay failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(logs.tag(f"error: replay failed: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
     print(json.dumps({k: summary[k] for k in ("records_in_range", "records_read", "valid_events",
                                                "dead_letters_by_code", "seconds")}))
     if output:
-        print(f"dataset: {output}", file=sys.stderr)
+        print(logs.tag(f"dataset: {output}"), file=sys.stderr)
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived before the output was being published: the replay stops, publishing nothing.
+    A BaseException, like KeyboardInterrupt: the runner's own ``except Exception`` must not swallow it."""
+
+
+_PUBLISHING = threading.Event()
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    # Raised in the main thread wherever it waits (the job's end, mostly), so
+    # run()'s failure path discards the staging folder and the progress group.
+    # Once publishing began (one rename) it is let finish.
+    if not _PUBLISHING.is_set():
+        raise Terminated("stopped by SIGTERM; nothing was published")
+
+
+def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    # A runner thread that fails (e.g. a worker stopped by SIGTERM) is one log line,
+    # with the correlation id like every other; the job's own error line follows.
+    LOG.error("thread %s failed: %s: %s", getattr(args.thread, "name", "?"), args.exc_type.__name__,
+              args.exc_value)
+    LOG.debug("thread failure", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def main() -> int:
-    """The console entry point (setup.py), and ``python -m pipelines.replay``."""
+    """The console entry point (setup.py), and ``python -m pipelines.replay``.
+    SIGTERM stops a replay cleanly: exit code 1, no dataset, no staging folder."""
     logs.configure()
-    return run()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.excepthook = _log_thread_failure
+    try:
+        return run()
+    except Terminated as e:  # before the job started: nothing to clean up
+        print(logs.tag(f"error: replay failed: {e}"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

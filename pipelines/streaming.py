@@ -2,6 +2,13 @@
 
     python -m pipelines.streaming                       # runs until stopped (Ctrl-C / SIGTERM)
     python -m pipelines.streaming --until_idle 10       # drain what the topics hold, then exit 0
+    python -m pipelines.streaming --http_port 0         # without the HTTP service
+
+While it runs, the analytics service (service/) answers on --http_host:--http_port
+(127.0.0.1:8080): /health, /metrics (Prometheus), /events/status and /events/replay;
+it starts before the pipeline and stops after the job ended. On SIGTERM or Ctrl-C,
+/health answers 503 "draining" while the job is cancelled, then the server stops
+and the command exits 0.
 
 Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
 DecodeAndValidate) -> ArchiveRawEvents (Postgres) and WindowedMetricsToSinks
@@ -11,6 +18,7 @@ for every option.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -22,8 +30,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipelines import logs
-from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_local_runner
+from pipelines.options import (AnalyticsOptions, ServiceOptions, check_options, fail, help_if_asked, redact,
+                               use_local_runner)
 from pipelines.preflight import check_services
+from service.server import ServerError, Service
+from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
 from transforms.kafka_read import KafkaReadConfig
@@ -36,6 +47,8 @@ from transforms.valid_events import ReadValidEvents
 LOG = logging.getLogger("pipelines.streaming")
 # Early panes of windows that ended longer ago than this are not written (a backlog).
 CATCH_UP_AFTER_S = 60
+# After SIGTERM, /health answers "draining" for at least this long before the server closes.
+DRAIN_VISIBLE_S = 1.0
 
 
 class StreamingOptions(PipelineOptions):
@@ -108,7 +121,8 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
 
 
 def run(argv: Optional[list[str]] = None) -> int:
-    help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions)
+    help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions,
+                  ServiceOptions)
     options = PipelineOptions(argv)
     check_options(options)
     opts = options.view_as(AnalyticsOptions)
@@ -116,7 +130,16 @@ def run(argv: Optional[list[str]] = None) -> int:
         fail("--topics is empty")
     check_services(opts, redis_="redis" in opts.sink_set(), postgres=True)  # Postgres holds the window ledger
     use_local_runner(options, streaming=True)
+    service = start_service(options)  # /health answers (job STARTING) while the group's lease is awaited
+    try:
+        return resume_and_run(options, opts, service)
+    finally:
+        if service is not None:
+            service.stop()
 
+
+def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Optional["Service"]) -> int:
+    """Resumes the group, builds the pipeline and runs it; the exit code."""
     try:
         point = resume(opts)
     except Exception as e:  # a service that went away since the checks, a dead-letter topic too long to read
@@ -127,8 +150,41 @@ def run(argv: Optional[list[str]] = None) -> int:
           "already dead-lettered", file=sys.stderr)
     p = beam.Pipeline(options=options)
     build(p, opts, point)
+    return run_job(p, opts, point, service)
+
+
+def option_names(*option_classes) -> list[str]:
+    """The option names (dests) that ``option_classes`` define: what /events/status shows."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for cls in option_classes:
+        cls._add_argparse_args(parser)
+    return [a.dest for a in parser._actions]
+
+
+def start_service(options: PipelineOptions) -> Optional[Service]:
+    """Starts the analytics service before the pipeline runs (None when --http_port is 0); exits 2
+    when it cannot listen."""
+    sopts = options.view_as(ServiceOptions)
+    if not int(sopts.http_port):
+        return None
+    every = options.get_all_options()
+    ours = {name: every.get(name) for name in option_names(AnalyticsOptions, StreamingOptions, ServiceOptions)}
+    shown = redact_options(dict(ours, runner=every.get("runner")), redact)
+    try:
+        service = Service.start(options.view_as(AnalyticsOptions), sopts.http_host, int(sopts.http_port), shown)
+    except ServerError as e:
+        fail(f"--http_host/--http_port: {e}")
+    print(f"analytics service listening on {service.server.url} (/health, /metrics, /events/status, "
+          "/events/replay)", file=sys.stderr)
+    return service
+
+
+def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service]) -> int:
+    """Runs the built pipeline until it ends or a signal stops it; the exit code."""
     began = time.monotonic()
     result = p.run()
+    if service is not None:
+        service.ctx.attach(result)
     compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
     compactor.start()
@@ -141,12 +197,18 @@ def run(argv: Optional[list[str]] = None) -> int:
     try:
         state = result.wait_until_finish()
     except KeyboardInterrupt:
+        stopping_at = time.monotonic()
+        if service is not None:
+            service.ctx.health.draining.set()  # monitors see 503 "draining" from now until the port closes
         compactor.stop()
         print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
         try:
             result.cancel()
         except Exception as e:  # already gone is fine when stopping
             LOG.info("cancel: %s", e)
+        if service is not None:
+            # A monitor polling /health once a second sees "draining" before the port closes.
+            time.sleep(max(0.0, DRAIN_VISIBLE_S - (time.monotonic() - stopping_at)))
         return 0
     compactor.stop()
     print_summary(result, time.monotonic() - began)

@@ -22,7 +22,7 @@ from pipelines.options import AnalyticsOptions, check_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_VARIABLES = ("KAFKA_BROKERS", "REDIS_URL", "ANALYTICS_GROUP_ID", "BATCH_SIZE", "WINDOW_SIZE_MS",
-                  "POSTGRES_DSN", "PRISM_PATH")
+                  "POSTGRES_DSN", "PRISM_PATH", "HTTP_PORT")
 SAFETY = ["--topics", "options.test.absent"]
 TIMEOUT_S = 60
 
@@ -50,6 +50,10 @@ CASES = {
     "--postgres_dsn bad port": ({}, ["--postgres_dsn", "postgresql://analytics:s3cret@127.0.0.1:pg/analytics"],
                                 "--postgres_dsn", "port 'pg'"),
     "KAFKA_BROKERS=host:abc": ({"KAFKA_BROKERS": "127.0.0.1:abc"}, [], "--brokers", "KAFKA_BROKERS"),
+    "HTTP_PORT=abc": ({"HTTP_PORT": "abc"}, [], "--http_port", "HTTP_PORT"),
+    "--http_port 70000": ({}, ["--http_port", "70000"], "--http_port", "more than 65535"),
+    "--http_port -1": ({}, ["--http_port", "-1"], "--http_port", "less than 0"),
+    "--http_host ''": ({}, ["--http_host", ""], "--http_host", "empty"),
 }
 
 
@@ -166,8 +170,8 @@ RECOVERY_OPTIONS = ["--since", "--error_code", "--dlq_topic", "--postgres_dsn", 
 
 
 @pytest.mark.parametrize("module,options,variable", [
-    ("pipelines.streaming", ["--brokers", "--batch_size", "--allowed_lateness", "--until_idle", "--sink_retries"],
-     "BATCH_SIZE"),
+    ("pipelines.streaming", ["--brokers", "--batch_size", "--allowed_lateness", "--until_idle", "--sink_retries",
+                             "--http_host", "--http_port"], "HTTP_PORT"),
     ("pipelines.replay", ["--start", "--end", "--output", "--aggregates", "--postgres_dsn"], "BATCH_SIZE"),
     ("pipelines.recover_dead_letters", RECOVERY_OPTIONS, "POSTGRES_DSN"),
     ("scripts.recover_dead_letters", RECOVERY_OPTIONS, "KAFKA_BROKERS"),  # the old name, kept one release

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Iterable, NamedTuple, Optional
 
 import apache_beam as beam
@@ -80,6 +81,7 @@ class DecodeAndValidateFn(beam.DoFn):
         self.valid = Metrics.counter("DecodeAndValidate", "valid_events")
         self.invalid = Metrics.counter("DecodeAndValidate", "dead_letters")
         self._by_code: dict = {}
+        self._by_type: dict = {}
 
     def setup(self):
         self.validator = self.validator_class(default_registry(), self.max_future_ms)
@@ -90,6 +92,15 @@ class DecodeAndValidateFn(beam.DoFn):
         if counter is None:
             counter = self._by_code[code] = Metrics.counter("DecodeAndValidate", f"dead_letters_{code}")
         counter.inc()
+
+    def _count_valid(self, events: list) -> None:
+        """``valid.<event_type>`` per type (the service's learning_events_processed_total);
+        one counter per type, made on first sight (types come from the registry)."""
+        for event_type, n in Counter(e.event_type for e in events).items():
+            counter = self._by_type.get(event_type)
+            if counter is None:
+                counter = self._by_type[event_type] = Metrics.counter("DecodeAndValidate", f"valid.{event_type}")
+            counter.inc(n)
 
     def process(self, batch: list[KafkaRecord]) -> Iterable:
         events = []
@@ -107,6 +118,7 @@ class DecodeAndValidateFn(beam.DoFn):
         self.invalid.inc(len(batch) - len(events))
         if events:
             self.valid.inc(len(events))
+            self._count_valid(events)
             yield events
 
     def _log_first(self, record: KafkaRecord, exc: Exception) -> None:

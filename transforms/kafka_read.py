@@ -51,6 +51,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas.settings import LOCAL_STACK
+from transforms.latency import LatencyHistogram
 from transforms.records import KafkaRecord
 
 LOG = logging.getLogger(__name__)
@@ -367,6 +368,12 @@ class ReadPartitionFn(beam.DoFn):
         self.read_id = uuid.uuid4().hex  # one watermark table per read, even with several in a process
         self.records_read = Metrics.counter("ReadEvents", "records_read")
         self.polls_empty = Metrics.counter("ReadEvents", "empty_polls")
+        # The service's event_processing_duration: from the poll that read a
+        # record to every step fused with the reader (decode, validate, archive
+        # hand-off, lateness, fold into windows, dead letters) being done with
+        # its batch; a yield returns only once those steps handled the element.
+        self.processing = LatencyHistogram("ReadEvents", "processing_seconds")
+        self.watermark_ms = Metrics.gauge("ReadEvents", "watermark_ms")
 
     def setup(self):
         self.readers: dict[tuple[str, int], _PartitionReader] = {}
@@ -406,6 +413,7 @@ class ReadPartitionFn(beam.DoFn):
         lag = Duration(seconds=self.config.max_out_of_orderness_s)
         while time.monotonic() < deadline:
             records = self._poll(reader, restriction.stop, wait=bounded or not reader.caught_up())
+            polled_at = time.monotonic()
             if not records:
                 end = reader.end_offset() if bounded else None
                 if bounded and (end is None or end > reader.position):
@@ -424,6 +432,7 @@ class ReadPartitionFn(beam.DoFn):
             newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             call.advance(newest - lag)
             yield TimestampedValue(records, self._horizon(watermark))
+            self.processing.observe(time.monotonic() - polled_at, len(records))
             if bounded:
                 self._report_progress(reader, done=call.next_offset >= restriction.stop)
             if call.next_offset >= restriction.stop:
@@ -528,6 +537,9 @@ class ReadPartitionFn(beam.DoFn):
         current = watermark.current_watermark()
         if shared is not None and (current is None or shared > current):
             watermark.set_watermark(shared)
+        horizon = self._horizon(watermark)
+        if MIN_TIMESTAMP < horizon < MAX_TIMESTAMP:
+            self.watermark_ms.set(horizon.micros // 1000)  # for the service's /events/status
 
     def _finalize_later(self, finalizer, reader: _PartitionReader, call: "_CallOutcome",
                         spec: PartitionSpec) -> None:

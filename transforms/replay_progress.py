@@ -28,9 +28,10 @@ LOG = logging.getLogger(__name__)
 class ReplayProgress(threading.Thread):
     """Prints the records read of ``offsets`` every ``every_s`` seconds, and once more at the end."""
 
-    def __init__(self, brokers: str, offsets: ResolvedRange, every_s: float = 5.0):
+    def __init__(self, brokers: str, offsets: ResolvedRange, every_s: float = 5.0, suffix: str = ""):
+        """``suffix`` ends every line (the replay's correlation id, when it has one)."""
         super().__init__(daemon=True, name="replay-progress")
-        self.brokers, self.offsets, self.every_s = brokers, offsets, every_s
+        self.brokers, self.offsets, self.every_s, self.suffix = brokers, offsets, every_s, suffix
         self.group = f"replay-progress-{uuid.uuid4().hex[:12]}"
         self.done = threading.Event()
 
@@ -52,7 +53,7 @@ class ReplayProgress(threading.Thread):
                 read = self.read_so_far(consumer)
                 rate = read / (time.monotonic() - began)
                 print(f"replay: read {read:,} of {total:,} records ({100 * read / max(total, 1):.0f}%), "
-                      f"{rate:,.0f}/s", file=sys.stderr, flush=True)
+                      f"{rate:,.0f}/s{self.suffix}", file=sys.stderr, flush=True)
                 if finishing:
                     break
         except Exception as e:  # progress is a courtesy; it never fails the replay

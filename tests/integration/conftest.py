@@ -52,7 +52,9 @@ class Stack:
     def pipeline_args(self, **extra) -> list[str]:
         args = {"brokers": self.brokers, "topics": self.event_topics(), "dlq_topic": self.topics["dlq"],
                 "aggregates_topic": self.topics["aggregated"], "group_id": self.group_id,
-                "redis_url": self.redis_url, "postgres_dsn": self.dsn}
+                "redis_url": self.redis_url, "postgres_dsn": self.dsn,
+                # No HTTP service unless a test asks (http_port=...): jobs run side by side.
+                "http_port": 0}
         args.update(extra)
         return [f"--{k}={v}" for k, v in args.items()]
 

@@ -14,6 +14,8 @@ breaker opens and probes the broker with a metadata request until it answers
 """
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any, Optional
 
 import apache_beam as beam
@@ -23,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from schemas import default_registry
 from schemas.wire import encode_avro, plain_parsed, produce_waiting
 from transforms.aggregate import WindowAggregate, window_label
+from transforms.latency import LatencyHistogram
 from transforms.records import DeadLetter
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 
@@ -40,6 +43,8 @@ class _ProduceFn(beam.DoFn):
         self.retry = retry or SinkRetryConfig()
         self.produced = Metrics.counter(type(self).__name__, "records_produced")
         self.counters = BreakerCounters(type(self).__name__)
+        # Seconds a bundle's flush took (retries and a held breaker included).
+        self.write_latency = LatencyHistogram(type(self).__name__, "write_seconds")
 
     def setup(self):
         self.entry = default_registry().latest(self.subject)
@@ -86,29 +91,56 @@ class _ProduceFn(beam.DoFn):
             raise KafkaException(topic.error if topic is not None else f"no metadata for {self.topic}")
 
     def finish_bundle(self):
+        began = time.monotonic()
         try:
             self.breaker.call(self._flush)
         finally:
             self.counters.report(self.breaker)
+        self.write_latency.observe(time.monotonic() - began)
         if self.errors:
             errors, self.errors = self.errors, []
             # Not an outage (those never reach here: records wait, no local timeout) but a
             # refused record. Failing the bundle makes the runner retry it; the sink is keyed.
             raise KafkaException(f"{self.topic}: {len(errors)} records failed: {errors[:3]}")
+        self._flushed()
+
+    def _flushed(self) -> None:
+        """Hook: every record of the bundle is acknowledged by the broker."""
 
     def teardown(self):
         self.producer.flush(10)
 
 
 class PublishDeadLettersFn(_ProduceFn):
-    """Input: a DeadLetter. Produces it to the dead-letter topic; outputs nothing."""
+    """Input: a DeadLetter. Produces it to the dead-letter topic; outputs nothing.
+
+    Counts ``published.<CODE>`` once the broker acknowledged the bundle's
+    records (the service's dlq_messages_total): a committed count of these
+    equals the records on the topic, since a failed bundle's counts are dropped.
+    """
     subject = "dead_letter"
+
+    def __init__(self, brokers: str, topic: str, retry: Optional[SinkRetryConfig] = None):
+        super().__init__(brokers, topic, retry)
+        self._published: dict = {}
+
+    def start_bundle(self):
+        self.pending: Counter = Counter()
 
     def process(self, dl: DeadLetter):
         key = f"{dl.source_topic}:{dl.source_partition}:{dl.source_offset}".encode()
         headers = [("correlation_id", dl.correlation_id.encode())] if dl.correlation_id else None
         self._send(key, dl._asdict(), headers)
+        self.pending[dl.error_code] += 1
         return ()
+
+    def _flushed(self) -> None:
+        for code, n in self.pending.items():
+            counter = self._published.get(code)
+            if counter is None:
+                counter = self._published[code] = Metrics.counter(type(self).__name__, f"published.{code}")
+            counter.inc(n)
+        self.pending = Counter()
 
 
 class PublishAggregatesFn(_ProduceFn):

@@ -24,6 +24,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple, Optional
 
@@ -41,6 +42,7 @@ from transforms.aggregate import WindowAggregate
 from transforms.dead_letters import event_dead_letter
 from transforms.records import Event
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
+from transforms.sinks.written import PaneWritten
 from transforms.validation import ErrorCode
 
 LOG = logging.getLogger(__name__)
@@ -329,6 +331,7 @@ class WriteMetricsToPostgresFn(beam.DoFn):
         self.retry = retry or SinkRetryConfig()
         self.rows = Metrics.counter("WriteMetricsToPostgres", "rows_upserted")
         self.counters = BreakerCounters("WriteMetricsToPostgres")
+        self.written = PaneWritten("WriteMetricsToPostgres")
 
     def setup(self):
         self.conn = None
@@ -348,7 +351,9 @@ class WriteMetricsToPostgresFn(beam.DoFn):
         values = [(agg.window_seconds, start, end, r.family, r.entity_id,
                    json.dumps(r.metrics, separators=(",", ":")), agg.pane_timing, agg.pane_index)
                   for r in agg.rows]
+        began = time.monotonic()
         self.breaker.call(lambda: self._upsert(values), reset=self._reset)
+        self.written.observe(agg, time.monotonic() - began)
         self.rows.inc(len(values))
         self.counters.report(self.breaker)
         return ()

@@ -16,6 +16,7 @@ the DoFn's circuit breaker until Redis answers a PING again (see
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import apache_beam as beam
@@ -26,6 +27,7 @@ from redis.retry import Retry
 
 from transforms.aggregate import WindowAggregate, window_label
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
+from transforms.sinks.written import PaneWritten
 
 # How long values stay readable after a write, per window size (seconds).
 DEFAULT_TTL_S = {60: 2 * 3600, 300: 12 * 3600, 3600: 3 * 86400, 86400: 8 * 86400}
@@ -62,6 +64,7 @@ class WriteMetricsToRedisFn(beam.DoFn):
         self.retry = retry or SinkRetryConfig()
         self.written = Metrics.counter("WriteMetricsToRedis", "hashes_written")
         self.counters = BreakerCounters("WriteMetricsToRedis")
+        self.panes = PaneWritten("WriteMetricsToRedis")
 
     def setup(self):
         self.client: Optional[redis.Redis] = None
@@ -85,7 +88,9 @@ class WriteMetricsToRedisFn(beam.DoFn):
             client.close()
 
     def process(self, agg: WindowAggregate):
+        began = time.monotonic()
         self.breaker.call(lambda: self._write(agg), reset=self._reset)
+        self.panes.observe(agg, time.monotonic() - began)
         self.written.inc(len(agg.rows))
         self.counters.report(self.breaker)
         return ()
