@@ -24,6 +24,8 @@ setup(
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
         "prometheus-client>=0.20,<1",
+        # Structured logs (--log_format json): one JSON object a line.
+        "python-json-logger>=3.1,<5",
     ],
     extras_require={"test": ["pytest>=8", "httpx>=0.27,<1"]},
     # The same commands as `python -m pipelines.streaming` (and .replay,

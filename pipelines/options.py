@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, P
                                                   PrismRunnerOptions, StandardOptions)
 from apache_beam.runners.runner import PipelineRunner
 
+from pipelines import logs
 from pipelines.logs import tag
 from schemas.settings import WINDOW_SIZES_S, setting
 from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
@@ -146,6 +147,13 @@ class ServiceOptions(PipelineOptions):
         g.add_argument("--http_port", type=_lenient(int), default=_lenient(int)(_env("HTTP_PORT", "8080")),
                        help="port of /health, /metrics, /events/status and /events/replay; 0 turns "
                             "the service off [HTTP_PORT]")
+
+
+class LogOptions(PipelineOptions):
+    """How the command logs (pipelines/logs.py reads these before the options are parsed)."""
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        logs.add_arguments(parser.add_argument_group("logs"))
 
 
 def help_if_asked(argv: Optional[list], prog: str, description: str, *option_classes) -> None:

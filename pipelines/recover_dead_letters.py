@@ -44,6 +44,7 @@ error code, Kafka or Postgres unreachable) with one ``error:`` line.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import NoReturn, Optional
@@ -51,6 +52,8 @@ from typing import NoReturn, Optional
 import psycopg2
 from confluent_kafka import KafkaException
 
+from pipelines import logs
+from pipelines.options import redact
 from schemas.settings import parse_instant, setting
 from schemas.topics import DLQ_TOPIC
 from transforms.recovery import BadRequest, RecoveryFailed, RecoveryRequest, Tally, recover
@@ -97,6 +100,7 @@ def parse_args(argv: Optional[list[str]]) -> RecoveryRequest:
                     help="seconds to read the dead-letter topic to its end before giving up")
     ap.add_argument("--progress_every", "--progress-every", type=int, default=10000,
                     help="progress line every N records")
+    logs.add_arguments(ap)  # read by main() before this parse; listed in --help
     args = ap.parse_args(argv)
     since_ms, until_ms = parse_time(args.since), parse_time(args.until)
     if since_ms >= until_ms:
@@ -147,7 +151,20 @@ def print_summary(request: RecoveryRequest, tally: Tally) -> None:
               "if none is there, rerun with --retry-unconfirmed")
 
 
+LOG = logging.getLogger("pipelines.recover_dead_letters")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command; its exit code. Logs its start and stop (INFO: seen with --log_format json)."""
+    logs.configure_from(argv)
+    args = sys.argv[1:] if argv is None else argv
+    LOG.info("recovery starting", extra={"event": "job_start", "argv": [redact(a) for a in args]})  # no passwords
+    code = _main(argv)
+    LOG.info("recovery stopped: exit code %d", code, extra={"event": "job_stop", "exit_code": code})
+    return code
+
+
+def _main(argv: Optional[list[str]]) -> int:
     try:
         request = parse_args(argv)
         tally = recover(request)

@@ -37,7 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
 from pipelines import logs
-from pipelines.options import AnalyticsOptions, check_options, fail, help_if_asked, use_batch_runner
+from pipelines.options import AnalyticsOptions, LogOptions, check_options, fail, help_if_asked, use_batch_runner
 from pipelines.preflight import check_services
 from transforms.aggregate import WindowedMetrics
 from transforms.archive_read import ReadArchivedEvents
@@ -109,7 +109,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, ropts: ReplayOptions, offset
 
 
 def run(argv: Optional[list[str]] = None) -> int:
-    help_if_asked(argv, "python -m pipelines.replay", __doc__.split("\n\n")[0], AnalyticsOptions, ReplayOptions)
+    help_if_asked(argv, "python -m pipelines.replay", __doc__.split("\n\n")[0], AnalyticsOptions, ReplayOptions,
+                  LogOptions)
     options = PipelineOptions(argv)
     check_options(options)
     opts, ropts = options.view_as(AnalyticsOptions), options.view_as(ReplayOptions)
@@ -183,7 +184,7 @@ def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
 def main() -> int:
     """The console entry point (setup.py), and ``python -m pipelines.replay``.
     SIGTERM stops a replay cleanly: exit code 1, no dataset, no staging folder."""
-    logs.configure()
+    logs.configure_from(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.excepthook = _log_thread_failure
     try:

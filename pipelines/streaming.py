@@ -7,8 +7,13 @@
 While it runs, the analytics service (service/) answers on --http_host:--http_port
 (127.0.0.1:8080): /health, /metrics (Prometheus), /events/status and /events/replay;
 it starts before the pipeline and stops after the job ended. On SIGTERM or Ctrl-C,
-/health answers 503 "draining" while the job is cancelled, then the server stops
-and the command exits 0.
+/health answers 503 "draining" while the job is cancelled (reading stops;
+bundles not finished are not committed, and a restart reads them again), then
+the server stops and the command exits 0; each step is bounded (CANCEL_S, the
+server's STOP_S, EXIT_S), so a stuck runner cannot keep the process alive.
+
+Logs: ``--log_format text|json`` and ``--log_level`` (pipelines/logs.py); the
+job's start (its options, redacted) and stop (exit code, reason) are INFO lines.
 
 Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
 DecodeAndValidate) -> ArchiveRawEvents (Postgres) and WindowedMetricsToSinks
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -30,12 +37,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipelines import logs
-from pipelines.options import (AnalyticsOptions, ServiceOptions, check_options, fail, help_if_asked, redact,
-                               use_local_runner)
+from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, check_options, fail, help_if_asked,
+                               redact, use_local_runner)
 from pipelines.preflight import check_services
 from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
+from transforms.dead_letter_log import DEAD_LETTER_LOG
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
 from transforms.kafka_read import KafkaReadConfig
 from transforms.ledger import WindowLedger
@@ -49,6 +57,10 @@ LOG = logging.getLogger("pipelines.streaming")
 CATCH_UP_AFTER_S = 60
 # After SIGTERM, /health answers "draining" for at least this long before the server closes.
 DRAIN_VISIBLE_S = 1.0
+# After SIGTERM, the runner's cancel gets this long; a runner that does not answer is left behind.
+CANCEL_S = 10.0
+# Once the job is over, the process exits within this long even if a runner thread lingers.
+EXIT_S = 5.0
 
 
 class StreamingOptions(PipelineOptions):
@@ -122,7 +134,7 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
 
 def run(argv: Optional[list[str]] = None) -> int:
     help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions,
-                  ServiceOptions)
+                  ServiceOptions, LogOptions)
     options = PipelineOptions(argv)
     check_options(options)
     opts = options.view_as(AnalyticsOptions)
@@ -130,15 +142,36 @@ def run(argv: Optional[list[str]] = None) -> int:
         fail("--topics is empty")
     check_services(opts, redis_="redis" in opts.sink_set(), postgres=True)  # Postgres holds the window ledger
     use_local_runner(options, streaming=True)
+    LOG.info("job starting: group %s, topics %s", opts.group_id, ",".join(opts.topic_list()),
+             extra={"event": "job_start", "options": shown_options(options)})
     service = start_service(options)  # /health answers (job STARTING) while the group's lease is awaited
+    stop = Stop()
     try:
-        return resume_and_run(options, opts, service)
+        stop.code = resume_and_run(options, opts, service, stop)
+    except SystemExit as e:  # fail(): one error: line was printed
+        stop.code, stop.reason = e.code, stop.reason or "refused (see the error: line)"
+        raise
+    except BaseException as e:
+        stop.code, stop.reason = 1, f"{type(e).__name__}: {e}"
+        raise
     finally:
         if service is not None:
-            service.stop()
+            service.stop()  # last: bounded by the server's STOP_S
+        DEAD_LETTER_LOG.flush()  # the last summary: counts since the last one
+        LOG.info("job stopped: exit code %s (%s)", stop.code, stop.reason,
+                 extra={"event": "job_stop", "exit_code": stop.code, "reason": stop.reason})
+    return stop.code
 
 
-def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Optional["Service"]) -> int:
+class Stop:
+    """How the job ended: the exit code and why, for the stop line."""
+
+    def __init__(self):
+        self.code: object = None
+        self.reason = ""
+
+
+def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Optional["Service"], stop: Stop) -> int:
     """Resumes the group, builds the pipeline and runs it; the exit code."""
     try:
         point = resume(opts)
@@ -150,7 +183,7 @@ def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Op
           "already dead-lettered", file=sys.stderr)
     p = beam.Pipeline(options=options)
     build(p, opts, point)
-    return run_job(p, opts, point, service)
+    return run_job(p, opts, point, service, stop)
 
 
 def option_names(*option_classes) -> list[str]:
@@ -161,15 +194,21 @@ def option_names(*option_classes) -> list[str]:
     return [a.dest for a in parser._actions]
 
 
+def shown_options(options: PipelineOptions) -> dict:
+    """The job's own options and its runner, passwords redacted: for /events/status and the start line."""
+    every = options.get_all_options()
+    ours = {name: every.get(name)
+            for name in option_names(AnalyticsOptions, StreamingOptions, ServiceOptions, LogOptions)}
+    return redact_options(dict(ours, runner=every.get("runner")), redact)
+
+
 def start_service(options: PipelineOptions) -> Optional[Service]:
     """Starts the analytics service before the pipeline runs (None when --http_port is 0); exits 2
     when it cannot listen."""
     sopts = options.view_as(ServiceOptions)
     if not int(sopts.http_port):
         return None
-    every = options.get_all_options()
-    ours = {name: every.get(name) for name in option_names(AnalyticsOptions, StreamingOptions, ServiceOptions)}
-    shown = redact_options(dict(ours, runner=every.get("runner")), redact)
+    shown = shown_options(options)
     try:
         service = Service.start(options.view_as(AnalyticsOptions), sopts.http_host, int(sopts.http_port), shown)
     except ServerError as e:
@@ -179,8 +218,29 @@ def start_service(options: PipelineOptions) -> Optional[Service]:
     return service
 
 
-def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service]) -> int:
-    """Runs the built pipeline until it ends or a signal stops it; the exit code."""
+class Stopping(BaseException):
+    """SIGTERM or Ctrl-C arrived: raised where the launcher waits for the job (like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame) -> None:
+    # The first signal stops the wait; later ones must not interrupt the shutdown half-way.
+    signal.signal(signal.SIGTERM, _already_stopping)
+    signal.signal(signal.SIGINT, _already_stopping)
+    raise Stopping(signum)
+
+
+def _already_stopping(signum: int, _frame) -> None:
+    LOG.warning("%s: already stopping (bounded: about %.0f s at most)", signal.Signals(signum).name,
+                CANCEL_S + DRAIN_VISIBLE_S + EXIT_S)
+
+
+def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service],
+            stop: Stop) -> int:
+    """Runs the built pipeline until it ends or a signal stops it; the exit code (``stop`` says why)."""
     began = time.monotonic()
     result = p.run()
     if service is not None:
@@ -188,41 +248,76 @@ def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, servic
     compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
     compactor.start()
-
-    def stop(signum, _frame):
-        LOG.warning("signal %d: cancelling the job", signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         state = result.wait_until_finish()
-    except KeyboardInterrupt:
-        stopping_at = time.monotonic()
-        if service is not None:
-            service.ctx.health.draining.set()  # monitors see 503 "draining" from now until the port closes
-        compactor.stop()
-        print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
-        try:
-            result.cancel()
-        except Exception as e:  # already gone is fine when stopping
-            LOG.info("cancel: %s", e)
-        if service is not None:
-            # A monitor polling /health once a second sees "draining" before the port closes.
-            time.sleep(max(0.0, DRAIN_VISIBLE_S - (time.monotonic() - stopping_at)))
+    except Stopping as e:
+        stop.reason = f"{e}: cancelled"
+        drain(result, compactor, service)
         return 0
     compactor.stop()
     print_summary(result, time.monotonic() - began)
     if state != PipelineState.DONE:
+        stop.reason = f"job ended in state {state}"
         print(f"error: job ended in state {state}", file=sys.stderr)
         return 1
+    stop.reason = "drained (--until_idle)"
     return 0
 
 
+def drain(result: PipelineResult, compactor: LedgerCompactor, service: Optional[Service]) -> None:
+    """After a signal: /health says "draining", the job is cancelled (at most CANCEL_S), and
+    /health stays "draining" at least DRAIN_VISIBLE_S. The exactness needs nothing more: a
+    bundle the cancel cuts short was not committed, so the next run reads it again."""
+    stopping_at = time.monotonic()
+    if service is not None:
+        service.ctx.health.draining.set()  # monitors see 503 "draining" from now until the port closes
+    compactor.stop()
+    print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
+    cancel_bounded(result, CANCEL_S)
+    if service is not None:
+        # A monitor polling /health once a second sees "draining" before the port closes.
+        time.sleep(max(0.0, DRAIN_VISIBLE_S - (time.monotonic() - stopping_at)))
+
+
+def cancel_bounded(result: PipelineResult, timeout_s: float) -> bool:
+    """``result.cancel()`` on a thread, waited for ``timeout_s`` at most; True when it returned."""
+    def cancel() -> None:
+        try:
+            result.cancel()
+        except Exception as e:  # already gone is fine when stopping
+            LOG.info("cancel: %s", e)
+
+    thread = threading.Thread(target=cancel, name="cancel-job", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        LOG.error("the runner did not confirm the cancel within %.0f s; stopping without it (offsets of "
+                  "unfinished bundles are not committed: the next run reads them again)", timeout_s)
+        return False
+    return True
+
+
+def exit_bounded(code: int, within_s: float = EXIT_S) -> None:
+    """Exits with ``code`` within ``within_s`` even if a runner thread (not a daemon) lingers:
+    Python waits for such threads at exit. Everything that counts was committed or not by now."""
+    def force() -> None:
+        time.sleep(within_s)
+        LOG.warning("threads still running %.0f s after the job ended (%s); exiting anyway", within_s,
+                    ", ".join(t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()))
+        logging.shutdown()
+        os._exit(code)
+
+    threading.Thread(target=force, name="exit-bounded", daemon=True).start()
+    sys.exit(code)
+
+
 def main() -> int:
-    """The console entry point (setup.py), and ``python -m pipelines.streaming``."""
-    logs.configure()
-    return run()
+    """The console entry point (setup.py), and ``python -m pipelines.streaming``; exits (bounded)."""
+    logs.configure_from(sys.argv[1:])
+    exit_bounded(run())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

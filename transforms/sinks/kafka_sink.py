@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from schemas import default_registry
 from schemas.wire import encode_avro, plain_parsed, produce_waiting
 from transforms.aggregate import WindowAggregate, window_label
+from transforms.dead_letter_log import DEAD_LETTER_LOG
 from transforms.latency import LatencyHistogram
 from transforms.records import DeadLetter
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
@@ -117,6 +118,8 @@ class PublishDeadLettersFn(_ProduceFn):
     Counts ``published.<CODE>`` once the broker acknowledged the bundle's
     records (the service's dlq_messages_total): a committed count of these
     equals the records on the topic, since a failed bundle's counts are dropped.
+    The same counts go to the process's dead-letter log (a summary at INFO at
+    most every 10 s), each dead letter to it at DEBUG.
     """
     subject = "dead_letter"
 
@@ -132,6 +135,7 @@ class PublishDeadLettersFn(_ProduceFn):
         headers = [("correlation_id", dl.correlation_id.encode())] if dl.correlation_id else None
         self._send(key, dl._asdict(), headers)
         self.pending[dl.error_code] += 1
+        DEAD_LETTER_LOG.each(dl)
         return ()
 
     def _flushed(self) -> None:
@@ -140,7 +144,12 @@ class PublishDeadLettersFn(_ProduceFn):
             if counter is None:
                 counter = self._published[code] = Metrics.counter(type(self).__name__, f"published.{code}")
             counter.inc(n)
+        DEAD_LETTER_LOG.add(self.pending)  # the log's summary counts what the broker acknowledged
         self.pending = Counter()
+
+    def teardown(self):
+        super().teardown()
+        DEAD_LETTER_LOG.flush()  # a worker that goes away leaves no counts unsaid
 
 
 class PublishAggregatesFn(_ProduceFn):
