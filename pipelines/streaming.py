@@ -9,8 +9,9 @@ While it runs, the analytics service (service/) answers on --http_host:--http_po
 it starts before the pipeline and stops after the job ended. On SIGTERM or Ctrl-C,
 /health answers 503 "draining" while the job is cancelled (reading stops;
 bundles not finished are not committed, and a restart reads them again), then
-the server stops and the command exits 0; each step is bounded (CANCEL_S, the
-server's STOP_S, EXIT_S), so a stuck runner cannot keep the process alive.
+the server stops and the command exits 0; the cancel and the server's stop are
+bounded (CANCEL_S, the server's STOP_S), so a runner that does not answer
+cannot keep the process waiting.
 
 Logs: ``--log_format text|json`` and ``--log_level`` (pipelines/logs.py); the
 job's start (its options, redacted) and stop (exit code, reason) are INFO lines.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -40,7 +40,7 @@ from pipelines import logs
 from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, check_options, fail, help_if_asked,
                                redact, use_local_runner)
 from pipelines.preflight import check_services
-from service.server import ServerError, Service
+from service.server import STOP_S, ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
 from transforms.dead_letter_log import DEAD_LETTER_LOG
@@ -59,8 +59,6 @@ CATCH_UP_AFTER_S = 60
 DRAIN_VISIBLE_S = 1.0
 # After SIGTERM, the runner's cancel gets this long; a runner that does not answer is left behind.
 CANCEL_S = 10.0
-# Once the job is over, the process exits within this long even if a runner thread lingers.
-EXIT_S = 5.0
 
 
 class StreamingOptions(PipelineOptions):
@@ -235,7 +233,7 @@ def _on_signal(signum: int, _frame) -> None:
 
 def _already_stopping(signum: int, _frame) -> None:
     LOG.warning("%s: already stopping (bounded: about %.0f s at most)", signal.Signals(signum).name,
-                CANCEL_S + DRAIN_VISIBLE_S + EXIT_S)
+                CANCEL_S + DRAIN_VISIBLE_S + STOP_S)
 
 
 def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service],
@@ -299,25 +297,11 @@ def cancel_bounded(result: PipelineResult, timeout_s: float) -> bool:
     return True
 
 
-def exit_bounded(code: int, within_s: float = EXIT_S) -> None:
-    """Exits with ``code`` within ``within_s`` even if a runner thread (not a daemon) lingers:
-    Python waits for such threads at exit. Everything that counts was committed or not by now."""
-    def force() -> None:
-        time.sleep(within_s)
-        LOG.warning("threads still running %.0f s after the job ended (%s); exiting anyway", within_s,
-                    ", ".join(t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()))
-        logging.shutdown()
-        os._exit(code)
-
-    threading.Thread(target=force, name="exit-bounded", daemon=True).start()
-    sys.exit(code)
-
-
 def main() -> int:
-    """The console entry point (setup.py), and ``python -m pipelines.streaming``; exits (bounded)."""
+    """The console entry point (setup.py), and ``python -m pipelines.streaming``."""
     logs.configure_from(sys.argv[1:])
-    exit_bounded(run())
+    return run()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -81,6 +81,8 @@ def test_json_lines_carry_the_process_or_the_request_correlation_id(monkeypatch)
 
 
 def test_configure_sets_the_project_loggers_and_keeps_libraries_at_warning():
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("", *logs.OWN_LOGGERS)}
     logs.configure(logging.DEBUG, "json")
     try:
         assert logging.getLogger("transforms.dead_letters").isEnabledFor(logging.DEBUG)
@@ -89,8 +91,13 @@ def test_configure_sets_the_project_loggers_and_keeps_libraries_at_warning():
         [handler] = logging.getLogger().handlers
         assert isinstance(handler.formatter, type(logs.formatter("json")))
         assert any(isinstance(f, CorrelationFilter) for f in handler.filters)
-    finally:
-        logs.configure()
+    finally:  # pytest's own handlers back: one on a captured stream would outlive it
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 class Clock:
