@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
 # From a fresh machine to a result: install, start the local stack, produce a
 # generated stream of learning events (2% malformed), run the streaming job on
-# it until idle, and print what landed in Postgres, Redis and the dead-letter topic.
-#   EVENTS=50000 SPAN_SECONDS=7200 scripts/demo.sh
+# it with its analytics service, check /events/status and /metrics against
+# what was produced while it runs, let it drain and exit, and print what
+# landed in Postgres, Redis and the dead-letter topic.
+#   EVENTS=50000 SPAN_SECONDS=7200 HTTP_PORT=8080 scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS=${EVENTS:-20000}
 SPAN_SECONDS=${SPAN_SECONDS:-3600}
+HTTP_PORT=${HTTP_PORT:-8080}
+URL="http://127.0.0.1:$HTTP_PORT"
 
 echo "== installing the project"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "== starting the local stack"
 scripts/stack.sh up
 echo "== producing $EVENTS events over ${SPAN_SECONDS}s of event time"
-python3 -m scripts.produce --events "$EVENTS" --span_seconds "$SPAN_SECONDS" --malformed_fraction 0.02
-echo "== running the streaming job until the topics are idle for 5 s"
-python3 -m pipelines.streaming --until_idle 5
+counts=$(python3 -m scripts.produce --events "$EVENTS" --span_seconds "$SPAN_SECONDS" --malformed_fraction 0.02)
+valid=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["valid"])' "$counts")
+invalid=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["malformed"])' "$counts")
+echo "   $valid valid, $invalid malformed"
+
+echo "== running the streaming job (it exits once the topics are idle for 15 s)"
+JOB_LOG=.stack/demo-job.log
+mkdir -p .stack
+python3 -m pipelines.streaming --until_idle 15 --early_firing 1 --http_port "$HTTP_PORT" >"$JOB_LOG" 2>&1 &
+JOB=$!
+trap 'kill "$JOB" 2>/dev/null || true' EXIT   # the job stops with the demo, also on an error
+for _ in $(seq 600); do
+  grep -m1 "analytics service listening" "$JOB_LOG" && break
+  kill -0 "$JOB" 2>/dev/null || { cat "$JOB_LOG"; exit 1; }
+  sleep 0.1
+done
+echo "== the service, while the job runs"
+python3 -m scripts.service_check --url "$URL" --expect-valid "$valid" --expect-invalid "$invalid"
+echo "== letting the job drain and exit"
+wait "$JOB"
+trap - EXIT
+sed -n '/streaming job finished/,$p' "$JOB_LOG"
 echo "== what landed"
 python3 -m scripts.summary
