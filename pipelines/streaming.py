@@ -240,15 +240,18 @@ def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, servic
             stop: Stop) -> int:
     """Runs the built pipeline until it ends or a signal stops it; the exit code (``stop`` says why)."""
     began = time.monotonic()
-    result = p.run()
-    if service is not None:
-        service.ctx.attach(result)
-    compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
-                                min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
-    compactor.start()
+    # Before the job starts: a signal while it starts (/health may already say 200) stops it too.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    result: Optional[PipelineResult] = None
+    compactor: Optional[LedgerCompactor] = None
     try:
+        result = p.run()
+        if service is not None:
+            service.ctx.attach(result)
+        compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
+                                    min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
+        compactor.start()
         state = result.wait_until_finish()
     except Stopping as e:
         stop.reason = f"{e}: cancelled"
@@ -264,16 +267,19 @@ def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, servic
     return 0
 
 
-def drain(result: PipelineResult, compactor: LedgerCompactor, service: Optional[Service]) -> None:
+def drain(result: Optional[PipelineResult], compactor: Optional[LedgerCompactor],
+          service: Optional[Service]) -> None:
     """After a signal: /health says "draining", the job is cancelled (at most CANCEL_S), and
     /health stays "draining" at least DRAIN_VISIBLE_S. The exactness needs nothing more: a
     bundle the cancel cuts short was not committed, so the next run reads it again."""
     stopping_at = time.monotonic()
     if service is not None:
         service.ctx.health.draining.set()  # monitors see 503 "draining" from now until the port closes
-    compactor.stop()
+    if compactor is not None:
+        compactor.stop()
     print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
-    cancel_bounded(result, CANCEL_S)
+    if result is not None:  # None: the signal came while the runner was starting the job
+        cancel_bounded(result, CANCEL_S)
     if service is not None:
         # A monitor polling /health once a second sees "draining" before the port closes.
         time.sleep(max(0.0, DRAIN_VISIBLE_S - (time.monotonic() - stopping_at)))
