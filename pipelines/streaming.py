@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
-import time
 from typing import Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipelines import logs
 from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, check_options, fail, help_if_asked,
                                redact, use_local_runner)
 from pipelines.preflight import check_services
-from service.server import STOP_S, ServerError, Service
+from service.launcher import Stop, run_job
+from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
 from transforms.dead_letter_log import DEAD_LETTER_LOG
@@ -55,10 +52,6 @@ from transforms.valid_events import ReadValidEvents
 LOG = logging.getLogger("pipelines.streaming")
 # Early panes of windows that ended longer ago than this are not written (a backlog).
 CATCH_UP_AFTER_S = 60
-# After SIGTERM, /health answers "draining" for at least this long before the server closes.
-DRAIN_VISIBLE_S = 1.0
-# After SIGTERM, the runner's cancel gets this long; a runner that does not answer is left behind.
-CANCEL_S = 10.0
 
 
 class StreamingOptions(PipelineOptions):
@@ -112,24 +105,6 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
         DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
 
 
-def print_summary(result: PipelineResult, seconds: float) -> None:
-    """Counters of the run, for a person at the terminal."""
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception as e:  # a runner without metrics must not fail a finished job
-        print(f"(no metrics from the runner: {e})", file=sys.stderr)
-        return
-    totals: dict[str, int] = {}
-    for c in counters:
-        if c.key.metric.namespace.startswith("beam"):
-            continue  # the runner's own bookkeeping
-        name = f"{c.key.metric.namespace}.{c.key.metric.name}"
-        totals[name] = totals.get(name, 0) + (c.committed or c.attempted or 0)
-    print(f"streaming job finished in {seconds:.1f}s")
-    for name in sorted(totals):
-        print(f"  {name:55s} {totals[name]:>12,}")
-
-
 def run(argv: Optional[list[str]] = None) -> int:
     help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions,
                   ServiceOptions, LogOptions)
@@ -161,14 +136,6 @@ def run(argv: Optional[list[str]] = None) -> int:
     return stop.code
 
 
-class Stop:
-    """How the job ended: the exit code and why, for the stop line."""
-
-    def __init__(self):
-        self.code: object = None
-        self.reason = ""
-
-
 def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Optional["Service"], stop: Stop) -> int:
     """Resumes the group, builds the pipeline and runs it; the exit code."""
     try:
@@ -181,7 +148,9 @@ def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Op
           "already dead-lettered", file=sys.stderr)
     p = beam.Pipeline(options=options)
     build(p, opts, point)
-    return run_job(p, opts, point, service, stop)
+    compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
+                                min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
+    return run_job(p, service, compactor, stop)
 
 
 def option_names(*option_classes) -> list[str]:
@@ -214,93 +183,6 @@ def start_service(options: PipelineOptions) -> Optional[Service]:
     print(f"analytics service listening on {service.server.url} (/health, /metrics, /events/status, "
           "/events/replay)", file=sys.stderr)
     return service
-
-
-class Stopping(BaseException):
-    """SIGTERM or Ctrl-C arrived: raised where the launcher waits for the job (like KeyboardInterrupt)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_signal(signum: int, _frame) -> None:
-    # The first signal stops the wait; later ones must not interrupt the shutdown half-way.
-    signal.signal(signal.SIGTERM, _already_stopping)
-    signal.signal(signal.SIGINT, _already_stopping)
-    raise Stopping(signum)
-
-
-def _already_stopping(signum: int, _frame) -> None:
-    LOG.warning("%s: already stopping (bounded: about %.0f s at most)", signal.Signals(signum).name,
-                CANCEL_S + DRAIN_VISIBLE_S + STOP_S)
-
-
-def run_job(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, service: Optional[Service],
-            stop: Stop) -> int:
-    """Runs the built pipeline until it ends or a signal stops it; the exit code (``stop`` says why)."""
-    began = time.monotonic()
-    # Before the job starts: a signal while it starts (/health may already say 200) stops it too.
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    result: Optional[PipelineResult] = None
-    compactor: Optional[LedgerCompactor] = None
-    try:
-        result = p.run()
-        if service is not None:
-            service.ctx.attach(result)
-        compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
-                                    min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
-        compactor.start()
-        state = result.wait_until_finish()
-    except Stopping as e:
-        stop.reason = f"{e}: cancelled"
-        drain(result, compactor, service)
-        return 0
-    compactor.stop()
-    print_summary(result, time.monotonic() - began)
-    if state != PipelineState.DONE:
-        stop.reason = f"job ended in state {state}"
-        print(f"error: job ended in state {state}", file=sys.stderr)
-        return 1
-    stop.reason = "drained (--until_idle)"
-    return 0
-
-
-def drain(result: Optional[PipelineResult], compactor: Optional[LedgerCompactor],
-          service: Optional[Service]) -> None:
-    """After a signal: /health says "draining", the job is cancelled (at most CANCEL_S), and
-    /health stays "draining" at least DRAIN_VISIBLE_S. The exactness needs nothing more: a
-    bundle the cancel cuts short was not committed, so the next run reads it again."""
-    stopping_at = time.monotonic()
-    if service is not None:
-        service.ctx.health.draining.set()  # monitors see 503 "draining" from now until the port closes
-    if compactor is not None:
-        compactor.stop()
-    print("stopping: cancelling the job (offsets of finished bundles are committed)", file=sys.stderr)
-    if result is not None:  # None: the signal came while the runner was starting the job
-        cancel_bounded(result, CANCEL_S)
-    if service is not None:
-        # A monitor polling /health once a second sees "draining" before the port closes.
-        time.sleep(max(0.0, DRAIN_VISIBLE_S - (time.monotonic() - stopping_at)))
-
-
-def cancel_bounded(result: PipelineResult, timeout_s: float) -> bool:
-    """``result.cancel()`` on a thread, waited for ``timeout_s`` at most; True when it returned."""
-    def cancel() -> None:
-        try:
-            result.cancel()
-        except Exception as e:  # already gone is fine when stopping
-            LOG.info("cancel: %s", e)
-
-    thread = threading.Thread(target=cancel, name="cancel-job", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        LOG.error("the runner did not confirm the cancel within %.0f s; stopping without it (offsets of "
-                  "unfinished bundles are not committed: the next run reads them again)", timeout_s)
-        return False
-    return True
 
 
 def main() -> int:
