@@ -245,6 +245,7 @@ NUMERIC_OPTIONS = {
     "max_out_of_orderness": _Number(float, 0, True, None, "a number of seconds, 0 or more, e.g. 5"),
     "max_future": _Number(int, 0, True, None, "a whole number of seconds, 0 or more, e.g. 300"),
     "until_idle": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 10"),
+    "stall_timeout": _Number(float, 0, True, None, "a number of seconds, or 0 to turn the watchdog off, e.g. 300"),
     "workers": _Number(int, 1, True, None, "a whole number of worker processes, 1 or more, e.g. 4"),
     "progress_every": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 5"),
     "sink_retries": _Number(int, 1, True, None, "a whole number of attempts, 1 or more, e.g. 3"),

@@ -33,8 +33,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import logs
-from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, check_options, fail, help_if_asked,
-                               redact, use_local_runner)
+from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, _lenient, check_options, fail,
+                               help_if_asked, redact, use_local_runner)
 from pipelines.preflight import check_services
 from service.launcher import Stop, run_job
 from service.server import ServerError, Service
@@ -60,6 +60,10 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--until_idle", type=float, default=None,
                             help="exit 0 once no record has arrived for this many seconds, "
                                  "after flushing every window")
+        parser.add_argument("--stall_timeout", type=_lenient(float), default=300.0,
+                            help="exit 3 when the runner has scheduled no Kafka read for this many seconds "
+                                 "while partitions are open, so a supervisor restarts the job (seen once "
+                                 "after a broker outage on Prism 2.77; a restart is exact); 0 turns it off")
         parser.add_argument("--start_from", default="committed",
                             choices=["committed", "earliest", "latest"],
                             help="where to start a partition without a committed offset "
@@ -70,7 +74,8 @@ def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
     sopts = opts.view_as(StreamingOptions)
     return KafkaReadConfig(brokers=opts.brokers, group_id=opts.group_id, batch_size=opts.batch_size,
                            max_out_of_orderness_s=opts.max_out_of_orderness,
-                           idle_timeout_s=sopts.until_idle, start_from=sopts.start_from)
+                           idle_timeout_s=sopts.until_idle, start_from=sopts.start_from,
+                           stall_exit_s=float(sopts.stall_timeout) or None)
 
 
 def resume(opts: AnalyticsOptions) -> ResumePoint:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -57,6 +58,10 @@ from transforms.records import KafkaRecord
 LOG = logging.getLogger(__name__)
 UNBOUNDED = sys.maxsize
 IDLE_COMMIT_EVERY_S = 60.0  # an idle partition's offset is committed again this often
+# A reader that is behind the end of its partition, with the broker answering,
+# yet receives nothing for this long has a fetcher that stopped: its consumer
+# is replaced, at the same position.
+STUCK_FETCH_S = 10.0
 
 
 # (read id, topic, partition) -> when a record last came, over every DoFn
@@ -155,6 +160,10 @@ class KafkaReadConfig:
     # reading, so another process can report progress (see
     # pipelines.replay); such a group is a gauge, never a place to resume from.
     progress_commit_s: Optional[float] = None
+    # Streaming only: exit the process (status 3) when no read of it has run for
+    # this long while partitions are still open, so a supervisor restarts a job
+    # whose runner stopped scheduling it (see _StallWatchdog). None: never.
+    stall_exit_s: Optional[float] = None
     start_from: str = "committed"  # committed offsets, else earliest; or "earliest"/"latest"
     consumer_config: dict = field(default_factory=dict)
 
@@ -314,7 +323,7 @@ class _PartitionReader:
     """A consumer assigned to one partition, kept between bundles of one DoFn instance."""
 
     def __init__(self, config: KafkaReadConfig, topic: str, partition: int, start: int):
-        self.topic, self.partition = topic, partition
+        self.config, self.topic, self.partition = config, topic, partition
         self.consumer = config.consumer()
         self.position = start
         self.consumer.assign([TopicPartition(topic, partition, start)])
@@ -322,6 +331,30 @@ class _PartitionReader:
         self.last_progress_at = time.monotonic()
         self.trouble = None  # the error of an ongoing broker outage, logged once
         self.last_idle_commit_at = time.monotonic()
+        self.behind_since: Optional[float] = None  # polls empty while the log has more
+        self.in_use = threading.Lock()  # one call at a time (see _Readers)
+
+    def got_records(self) -> None:
+        self.behind_since = None
+
+    def behind(self) -> None:
+        """The last poll was empty though the broker reports records past our
+        position. A fetch may just be slow; one that delivers nothing for
+        STUCK_FETCH_S has stopped, and the consumer is replaced."""
+        now = time.monotonic()
+        if self.behind_since is None:
+            self.behind_since = now
+        elif now - self.behind_since >= STUCK_FETCH_S:
+            LOG.warning("Kafka %s[%d]: nothing fetched for %.0fs at offset %d though the log has more; "
+                        "replacing the consumer", self.topic, self.partition, now - self.behind_since,
+                        self.position)
+            old, self.consumer = self.consumer, self.config.consumer()
+            self.consumer.assign([TopicPartition(self.topic, self.partition, self.position)])
+            self.behind_since = now
+            old.close()
+
+    def close(self) -> None:
+        self.consumer.close()
 
     def reassign(self) -> None:
         self.consumer.assign([TopicPartition(self.topic, self.partition, self.position)])
@@ -358,14 +391,142 @@ class _PartitionReader:
         return high < 0 or self.position >= high
 
 
+class _StallWatchdog:
+    """Exits the process when its unbounded reads stopped being called.
+
+    A live read is called again and again (each call ends in a checkpoint
+    resumed after ``idle_resume_s``, or waits out a broker outage); calls stop
+    only when every partition finished (``idle_timeout_s``). A runner that
+    stops scheduling them while none is running has stalled (seen once in
+    about five broker-outage chaos trials on Prism 2.77); the job is exact
+    across restarts, so exiting non-zero lets a supervisor restart it. A call
+    in progress (say, held by a sink's back-pressure) never counts as a stall.
+    """
+    _lock = threading.Lock()
+    _thread: Optional[threading.Thread] = None
+    limit_s: Optional[float] = None
+    running = 0
+    last_active = time.monotonic()
+    open: set = set()  # (read id, topic, partition) not finished
+    check_every_s = 5.0
+
+    @staticmethod
+    def on_stall(message: str) -> None:
+        LOG.error(message)
+        logging.shutdown()
+        os._exit(3)
+
+    @classmethod
+    def arm(cls, limit_s: float, read_id: str, partitions: tuple) -> None:
+        with cls._lock:
+            cls.limit_s = limit_s if cls.limit_s is None else min(cls.limit_s, limit_s)
+            cls.open.update((read_id, *p) for p in partitions)
+            cls.last_active = time.monotonic()
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._watch, name="kafka-read-watchdog", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def call_began(cls) -> None:
+        with cls._lock:
+            cls.running += 1
+            cls.last_active = time.monotonic()
+
+    @classmethod
+    def call_ended(cls, key: tuple, finished: bool) -> None:
+        with cls._lock:
+            cls.running -= 1
+            cls.last_active = time.monotonic()
+            if finished:
+                cls.open.discard(key)
+
+    @classmethod
+    def stalled_for(cls) -> Optional[float]:
+        with cls._lock:
+            quiet = time.monotonic() - cls.last_active
+            if cls.limit_s is None or cls.running or not cls.open or quiet < cls.limit_s:
+                return None
+            return quiet
+
+    @classmethod
+    def _watch(cls) -> None:
+        while True:
+            time.sleep(cls.check_every_s)
+            quiet = cls.stalled_for()
+            if quiet is not None:
+                cls.on_stall(f"error: no Kafka read ran for {quiet:.0f}s with {len(cls.open)} partitions open: "
+                             "the runner stopped scheduling the job; exiting so that it is restarted")
+
+
+class _Readers:
+    """The partition readers of a process, shared by all DoFn instances of a read.
+
+    A runner keeps several instances of the reading DoFn per process (the
+    Python SDK makes a new one whenever a bundle starts while the others are
+    busy or await finalization), and a partition's calls move between them.
+    A consumer per instance and partition multiplied the clients (tens, each
+    fetching the same partition in the background, each reconnecting through
+    a broker outage), and every move reassigned the receiving instance's
+    consumer, throwing away what it had fetched, so a call often found
+    nothing to read. One reader per partition keeps one position and one
+    stream. Calls of a partition run one at a time (one restriction per
+    partition); should two overlap anyway, the second gets a reader of its
+    own, closed after the call. Readers are closed when the read's last DoFn
+    instance is torn down.
+    """
+    _lock = threading.Lock()
+    _readers: dict = {}  # (read id, topic, partition) -> _PartitionReader
+    _users: dict = {}    # read id -> DoFn instances set up
+
+    @classmethod
+    def attach(cls, read_id: str) -> None:
+        with cls._lock:
+            cls._users[read_id] = cls._users.get(read_id, 0) + 1
+
+    @classmethod
+    def detach(cls, read_id: str) -> None:
+        with cls._lock:
+            cls._users[read_id] = cls._users.get(read_id, 1) - 1
+            if cls._users[read_id] > 0:
+                return
+            del cls._users[read_id]
+            readers = [cls._readers.pop(k) for k in [k for k in cls._readers if k[0] == read_id]]
+        for reader in readers:
+            reader.close()
+
+    @classmethod
+    def take(cls, read_id: str, config: KafkaReadConfig, topic: str, partition: int,
+             start: int) -> tuple["_PartitionReader", bool]:
+        """The partition's reader, at ``start``, and whether it is the shared one."""
+        key = (read_id, topic, partition)
+        with cls._lock:
+            reader = cls._readers.get(key)
+            if reader is None:
+                reader = cls._readers[key] = _PartitionReader(config, topic, partition, start)
+            shared = reader.in_use.acquire(blocking=False)
+        if not shared:
+            reader = _PartitionReader(config, topic, partition, start)
+        reader.seek(start)
+        return reader, shared
+
+    @staticmethod
+    def give_back(reader: "_PartitionReader", shared: bool) -> None:
+        if shared:
+            reader.in_use.release()
+        else:
+            reader.close()
+
+
 class ReadPartitionFn(beam.DoFn):
     """Input: a PartitionSpec. Output: lists of KafkaRecord, one per poll, each
     timestamped at its records' time (never behind the watermark)."""
 
     def __init__(self, config: KafkaReadConfig, partitions: Iterable[PartitionSpec]):
+        partitions = list(partitions)
         self.config = config
         self.partitions = tuple((p.topic, p.partition) for p in partitions)
         self.read_id = uuid.uuid4().hex  # one watermark table per read, even with several in a process
+        self.bounded = all(p.stop is not None for p in partitions)
         self.records_read = Metrics.counter("ReadEvents", "records_read")
         self.polls_empty = Metrics.counter("ReadEvents", "empty_polls")
         # The service's event_processing_duration: from the poll that read a
@@ -376,19 +537,12 @@ class ReadPartitionFn(beam.DoFn):
         self.watermark_ms = Metrics.gauge("ReadEvents", "watermark_ms")
 
     def setup(self):
-        self.readers: dict[tuple[str, int], _PartitionReader] = {}
+        _Readers.attach(self.read_id)
+        if self.config.stall_exit_s is not None and not self.bounded:
+            _StallWatchdog.arm(self.config.stall_exit_s, self.read_id, self.partitions)
 
     def teardown(self):
-        for reader in self.readers.values():
-            reader.consumer.close()
-
-    def _reader(self, spec: PartitionSpec, start: int) -> _PartitionReader:
-        key = (spec.topic, spec.partition)
-        reader = self.readers.get(key)
-        if reader is None:
-            reader = self.readers[key] = _PartitionReader(self.config, spec.topic, spec.partition, start)
-        reader.seek(start)
-        return reader
+        _Readers.detach(self.read_id)
 
     # The finalizer comes first: Beam passes the tracker and the watermark
     # estimator by name, and positional placeholders after them would clash.
@@ -396,13 +550,22 @@ class ReadPartitionFn(beam.DoFn):
                 tracker: RestrictionTrackerView = beam.DoFn.RestrictionParam(_PartitionRestrictions()),
                 watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(_RecordTimeWatermark())):
         restriction = tracker.current_restriction()
-        reader = self._reader(spec, restriction.start)
+        _StallWatchdog.call_began()
+        reader, shared = None, False
         call = _CallOutcome()
         try:
+            reader, shared = _Readers.take(self.read_id, self.config, spec.topic, spec.partition, restriction.start)
             yield from self._read(reader, tracker, restriction, watermark, call)
         finally:
-            self._finalize_later(finalizer, reader, call, spec)
-            self._report_watermark(watermark)
+            try:
+                if reader is not None:
+                    self._finalize_later(finalizer, reader, call, spec)
+                    self._report_watermark(watermark)
+            finally:
+                if reader is not None:
+                    _Readers.give_back(reader, shared)
+                _StallWatchdog.call_ended((self.read_id, spec.topic, spec.partition),
+                                          finished=call.watermark == MAX_TIMESTAMP)
 
     def _read(self, reader, tracker, restriction, watermark, call: "_CallOutcome"):
         # A bounded range is read in one call, without checkpoints: the batch
@@ -411,15 +574,20 @@ class ReadPartitionFn(beam.DoFn):
         bounded = restriction.stop != UNBOUNDED
         deadline = math.inf if bounded else time.monotonic() + self.config.max_bundle_s
         lag = Duration(seconds=self.config.max_out_of_orderness_s)
+        behind = False
         while time.monotonic() < deadline:
-            records = self._poll(reader, restriction.stop, wait=bounded or not reader.caught_up())
+            records = self._poll(reader, restriction.stop, wait=bounded or behind or not reader.caught_up())
             polled_at = time.monotonic()
             if not records:
                 end = reader.end_offset() if bounded else None
                 if bounded and (end is None or end > reader.position):
                     continue  # a slow fetch (or a broker away): the range's records are there
-                self._on_empty_poll(reader, tracker, restriction, call)
+                behind = self._on_empty_poll(reader, tracker, restriction, call, deadline)
+                if behind:
+                    continue  # records are there: wait for them in this call
                 return
+            behind = False
+            reader.got_records()
             records = self._claim(tracker, records)
             if not records:
                 return  # the runner split the rest of the range away
@@ -488,14 +656,20 @@ class ReadPartitionFn(beam.DoFn):
             kept.append(r)
         return kept
 
-    def _on_empty_poll(self, reader, tracker, restriction, call: "_CallOutcome") -> None:
+    def _on_empty_poll(self, reader, tracker, restriction, call: "_CallOutcome", deadline: float) -> bool:
+        """Ends the call (a checkpoint, or the range done) after an empty poll;
+        True instead when records are there and the call has time to wait for them."""
         self.polls_empty.inc()
         # An empty poll may only mean the fetch is slow: only a reader at the
         # end of the log is idle.
         end = reader.end_offset()
+        if end is not None and end > reader.position:
+            reader.behind()
+            if time.monotonic() < deadline:
+                return True
         if end is None or end > reader.position:
             tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
-            return
+            return False
         # Another DoFn instance may have read this partition since this reader did.
         last = max(reader.last_record_at, _LAST_RECORD_AT.get((self.read_id, reader.topic, reader.partition), 0.0))
         idle_for = time.monotonic() - last
@@ -505,7 +679,7 @@ class ReadPartitionFn(beam.DoFn):
             # done, and stop holding back the other partitions' watermark.
             tracker.try_claim(restriction.stop - 1)
             call.advance(MAX_TIMESTAMP)
-            return
+            return False
         # Caught up: time passes without records, so the watermark follows the clock.
         now = time.monotonic()
         if now - reader.last_idle_commit_at >= IDLE_COMMIT_EVERY_S:
@@ -518,6 +692,7 @@ class ReadPartitionFn(beam.DoFn):
             call.next_offset = reader.position
         call.advance(Timestamp.now() - Duration(seconds=self.config.max_out_of_orderness_s))
         tracker.defer_remainder(Duration(seconds=self.config.idle_resume_s))
+        return False
 
     def _horizon(self, watermark: ManualWatermarkEstimator) -> Timestamp:
         """A batch's timestamp: the read's watermark as far as this process
