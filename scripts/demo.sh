@@ -22,10 +22,10 @@ valid=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["valid"])' "
 invalid=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["malformed"])' "$counts")
 echo "   $valid valid, $invalid malformed"
 
-echo "== running the streaming job (it exits once the topics are idle for 15 s)"
+echo "== running the streaming job (it exits once the topics are idle for 30 s)"
 JOB_LOG=.stack/demo-job.log
 mkdir -p .stack
-python3 -m pipelines.streaming --until_idle 15 --early_firing 1 --http_port "$HTTP_PORT" >"$JOB_LOG" 2>&1 &
+python3 -m pipelines.streaming --until_idle 30 --early_firing 1 --http_port "$HTTP_PORT" >"$JOB_LOG" 2>&1 &
 JOB=$!
 trap 'kill "$JOB" 2>/dev/null || true' EXIT   # the job stops with the demo, also on an error
 for _ in $(seq 600); do

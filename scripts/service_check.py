@@ -22,26 +22,52 @@ from prometheus_client.parser import text_string_to_metric_families
 WINDOWS = ("1m", "5m", "1h", "1d")
 
 
-def drained(status: dict, valid: int, invalid: int) -> bool:
-    """In: a /events/status answer and the counts produced. Out: lag 0 and every record decided."""
-    events = status["events"]
-    return (status.get("lag_total") == 0 and events["valid"] == valid
-            and sum(events["dead_letters_published"].values()) == invalid
-            and set(WINDOWS) <= set(status.get("last_pane") or {}))  # a pane of every size written
+# After every record is decided, how long to wait for a pane of every window size. A
+# long window's early pane may come only with its on-time pane (README "Known limits":
+# Prism schedules no processing-time firing for an element whose trigger was due), so
+# the check goes on without it, and says so.
+PANE_GRACE_S = 8.0
 
 
-def wait_drained(url: str, valid: int, invalid: int, wait_s: float) -> Optional[dict]:
-    """The first /events/status answer that is ``drained``, or None when ``wait_s`` ran out."""
-    deadline = time.monotonic() + wait_s
+def undecided(status: dict, valid: int, invalid: int) -> list[str]:
+    """In: a /events/status answer and the counts produced. Out: what keeps it from being
+    drained (lag 0, every record decided); empty when drained."""
+    events = status.get("events") or {}
+    published = sum((events.get("dead_letters_published") or {}).values())
+    gaps = [f"lag {status.get('lag_total')}" if status.get("lag_total") != 0 else "",
+            f"{events.get('valid')} of {valid} valid events" if events.get("valid") != valid else "",
+            f"{published} of {invalid} dead letters published" if published != invalid else "",
+            f"job metrics: {status['job']['metrics_error']}" if (status.get("job") or {}).get("metrics_error") else ""]
+    return [g for g in gaps if g]
+
+
+def unwritten(status: dict) -> list[str]:
+    """The window sizes with no pane written yet."""
+    return [w for w in WINDOWS if w not in (status.get("last_pane") or {})]
+
+
+def wait_drained(url: str, valid: int, invalid: int, wait_s: float) -> tuple[Optional[dict], str]:
+    """The first drained /events/status answer (with a pane of every size, or once
+    PANE_GRACE_S passed without), or None and why not: ``wait_s`` ran out, or the
+    service went away (the job ended) after it had answered."""
+    deadline, seen, decided_at = time.monotonic() + wait_s, None, None
     while time.monotonic() < deadline:
         try:
             status = httpx.get(f"{url}/events/status", timeout=5).json()
-            if drained(status, valid, invalid):
-                return status
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass  # not listening yet, or the job is still starting
+        except httpx.TransportError:
+            if seen is not None:
+                return None, f"the service stopped answering (the job ended); last seen: {seen}"
+            status = None  # not listening yet
+        except (httpx.HTTPError, ValueError) as e:
+            status, seen = None, f"{type(e).__name__}: {e}"
+        if status is not None:
+            gaps = undecided(status, valid, invalid)
+            decided_at = decided_at or (time.monotonic() if not gaps else None)
+            if not gaps and (not unwritten(status) or time.monotonic() - decided_at >= PANE_GRACE_S):
+                return status, ""
+            seen = "; ".join(gaps) or f"no pane yet for {','.join(unwritten(status))}"
         time.sleep(0.5)
-    return None
+    return None, f"{wait_s:.0f}s passed; last seen: {seen or 'no answer'}"
 
 
 def print_status(status: dict) -> None:
@@ -75,8 +101,9 @@ def checks(samples: dict, valid: int, invalid: int) -> list[tuple[str, str, str,
             ("dlq_messages_total", invalid, total("dlq_messages_total")),
             ("event_processing_duration_count", valid + invalid, total("event_processing_duration_count"))]
     out = [(name, f"{want:,}", f"{got:,}", want == got) for name, want, got in rows]
-    out.append(("aggregation_window_size", "rows > 0 for " + ",".join(WINDOWS), shown_sizes,
-                all(sizes.get(w, 0) > 0 for w in WINDOWS)))
+    written = [w for w in WINDOWS if w in sizes]
+    out.append(("aggregation_window_size", "rows > 0 per size written", shown_sizes,
+                WINDOWS[0] in written and all(sizes[w] > 0 for w in written)))
     return out
 
 
@@ -87,13 +114,16 @@ def main(argv=None) -> int:
     ap.add_argument("--expect-invalid", type=int, required=True, help="malformed records produced")
     ap.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the job to drain")
     a = ap.parse_args(argv)
-    status = wait_drained(a.url, a.expect_valid, a.expect_invalid, a.wait)
+    status, why = wait_drained(a.url, a.expect_valid, a.expect_invalid, a.wait)
     if status is None:
         print(f"error: {a.url}/events/status did not show lag 0 with {a.expect_valid:,} valid events and "
-              f"{a.expect_invalid:,} dead letters within {a.wait:.0f}s", file=sys.stderr)
+              f"{a.expect_invalid:,} dead letters: {why}", file=sys.stderr)
         return 1
     print(f"/events/status ({a.url}):")
     print_status(status)
+    if unwritten(status):
+        print(f"  (no pane yet for {','.join(unwritten(status))} after {PANE_GRACE_S:.0f}s: a long window's "
+              "early pane may wait for its on-time pane; see README Known limits)")
     print(f"\n/metrics, parsed by prometheus_client:\n  {'metric':34s} {'expected':>26s} {'scraped':>26s}")
     rows = checks(scrape(a.url), a.expect_valid, a.expect_invalid)
     for name, want, got, ok in rows:
