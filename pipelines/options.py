@@ -32,7 +32,7 @@ from apache_beam.runners.runner import PipelineRunner
 
 from pipelines import logs
 from pipelines.logs import tag
-from schemas.settings import WINDOW_SIZES_S, setting
+from schemas.settings import WINDOW_SIZES_S, redact, setting  # noqa: F401  (redact: for the commands)
 from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
 from transforms.sinks import AggregateSinks
 from transforms.sinks.resilience import SinkRetryConfig
@@ -46,7 +46,7 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def _lenient(kind: type):
+def lenient(kind: type):
     """An argparse ``type`` that never raises: ``kind(text)``, or ``text`` itself
     when it does not convert, for :func:`check_options` to name."""
     def convert(text: str) -> Any:
@@ -65,7 +65,7 @@ def default_window_sizes() -> str:
     left out here and refused by :func:`check_options`, which can name it.
     """
     sizes = list(WINDOW_SIZES_S)
-    ms = _lenient(int)(os.environ.get("WINDOW_SIZE_MS") or "")
+    ms = lenient(int)(os.environ.get("WINDOW_SIZE_MS") or "")
     if isinstance(ms, int) and ms > 0 and ms % 1000 == 0:
         sizes[0] = ms // 1000
     return ",".join(str(s) for s in sorted(set(sizes)))
@@ -87,17 +87,17 @@ class AnalyticsOptions(PipelineOptions):
                        help="Redis for the real-time values [REDIS_URL]")
         g.add_argument("--postgres_dsn", default=setting("POSTGRES_DSN"),
                        help="Postgres for the archive, the window ledger and window_metrics [POSTGRES_DSN]")
-        g.add_argument("--batch_size", type=_lenient(int), default=setting("BATCH_SIZE"),
+        g.add_argument("--batch_size", type=lenient(int), default=setting("BATCH_SIZE"),
                        help="most records per Kafka poll, the unit of work [BATCH_SIZE]")
         g.add_argument("--window_sizes", default=default_window_sizes(),
                        help="comma-separated window sizes in seconds [WINDOW_SIZE_MS replaces the first]")
-        g.add_argument("--allowed_lateness", type=_lenient(int), default=3600,
+        g.add_argument("--allowed_lateness", type=lenient(int), default=3600,
                        help="seconds after a window closes in which late events still update it")
-        g.add_argument("--early_firing", type=_lenient(int), default=5,
+        g.add_argument("--early_firing", type=lenient(int), default=5,
                        help="seconds between early (speculative) panes of an open window")
-        g.add_argument("--max_out_of_orderness", type=_lenient(float), default=5.0,
+        g.add_argument("--max_out_of_orderness", type=lenient(float), default=5.0,
                        help="seconds the watermark trails the newest record time")
-        g.add_argument("--max_future", type=_lenient(int), default=300,
+        g.add_argument("--max_future", type=lenient(int), default=300,
                        help="seconds an event time may be ahead of the clock before it is a dead letter")
         g.add_argument("--sinks", default="redis,postgres,kafka",
                        help="which aggregate sinks to write: any of redis,postgres,kafka")
@@ -106,10 +106,10 @@ class AnalyticsOptions(PipelineOptions):
         g.add_argument("--prism_path", default=_env("PRISM_PATH", DEFAULT_PRISM),
                        help="Prism runner binary, built by scripts/stack.sh [PRISM_PATH]")
         # Sink retries and circuit breakers (transforms/sinks/resilience.py).
-        g.add_argument("--sink_retries", type=_lenient(int), default=3,
+        g.add_argument("--sink_retries", type=lenient(int), default=3,
                        help="attempts of a sink write (the first included, with jittered exponential "
                             "back-off) before that sink's circuit breaker opens and holds writes")
-        g.add_argument("--sink_probe_interval", type=_lenient(float), default=2.0,
+        g.add_argument("--sink_probe_interval", type=lenient(float), default=2.0,
                        help="seconds between probes of a sink whose circuit breaker is open")
 
     def topic_list(self) -> list[str]:
@@ -144,7 +144,7 @@ class ServiceOptions(PipelineOptions):
         g = parser.add_argument_group("analytics service")
         g.add_argument("--http_host", default="127.0.0.1",
                        help="address the HTTP service listens on (0.0.0.0: every interface)")
-        g.add_argument("--http_port", type=_lenient(int), default=_lenient(int)(_env("HTTP_PORT", "8080")),
+        g.add_argument("--http_port", type=lenient(int), default=lenient(int)(_env("HTTP_PORT", "8080")),
                        help="port of /health, /metrics, /events/status and /events/replay; 0 turns "
                             "the service off [HTTP_PORT]")
 
@@ -213,12 +213,6 @@ def use_batch_runner(options: PipelineOptions, workers: int) -> Optional[Pipelin
     return FnApiRunner()
 
 
-def redact(url: str) -> str:
-    """``url`` (or a key=value DSN) without its password, for messages."""
-    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
-
-
 def fail(message: str, code: int = 2) -> None:
     print(tag(f"error: {message}"), file=sys.stderr)
     sys.exit(code)
@@ -277,7 +271,7 @@ def check_options(options: PipelineOptions) -> None:
         shown = redact(str(value)) if option in ("redis_url", "postgres_dsn") else str(value)
         var = ENV_OF.get(option)
         kind = NUMERIC_OPTIONS[option].kind if option in NUMERIC_OPTIONS else str
-        if var and os.environ.get(var) and value == _lenient(kind)(os.environ[var]):
+        if var and os.environ.get(var) and value == lenient(kind)(os.environ[var]):
             return f"--{option} (from {var}={shown!r})"
         return f"--{option} {shown!r}"
 
@@ -362,7 +356,7 @@ def _check_window_sizes(window_sizes: Any, given: bool) -> None:
     raw_ms = os.environ.get("WINDOW_SIZE_MS")
     if not given and raw_ms:
         # default_window_sizes() left a bad WINDOW_SIZE_MS out; say so rather than run without it.
-        ms = _lenient(int)(raw_ms.strip())
+        ms = lenient(int)(raw_ms.strip())
         problem = ("not a whole number of milliseconds" if not isinstance(ms, int)
                    else "not above 0" if ms <= 0
                    else "not a whole number of seconds (windows are whole seconds)" if ms % 1000

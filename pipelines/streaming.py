@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import logs
-from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, _lenient, check_options, fail,
+from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, lenient, check_options, fail,
                                help_if_asked, redact, use_local_runner)
 from pipelines.preflight import check_services
 from service.launcher import Stop, run_job
@@ -60,7 +60,7 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--until_idle", type=float, default=None,
                             help="exit 0 once no record has arrived for this many seconds, "
                                  "after flushing every window")
-        parser.add_argument("--stall_timeout", type=_lenient(float), default=300.0,
+        parser.add_argument("--stall_timeout", type=lenient(float), default=300.0,
                             help="exit 3 when the runner has scheduled no Kafka read for this many seconds "
                                  "while partitions are open, so a supervisor restarts the job (seen once "
                                  "after a broker outage on Prism 2.77; a restart is exact); 0 turns it off")

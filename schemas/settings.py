@@ -10,6 +10,7 @@ given on a command line. Importable without Beam.
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 
 LOCAL_STACK: dict[str, str] = {
@@ -27,6 +28,12 @@ WINDOW_SIZES_S: tuple[int, ...] = (60, 300, 3600, 86400)
 def setting(name: str) -> str:
     """The environment variable ``name`` if set and not empty, else the local stack's value."""
     return os.environ.get(name) or LOCAL_STACK[name]
+
+
+def redact(url: str) -> str:
+    """``url`` (or a key=value DSN) without its password, for messages and logs."""
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
 
 
 def parse_instant(text: str) -> datetime:

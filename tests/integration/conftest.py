@@ -49,6 +49,14 @@ class Stack:
     def event_topics(self) -> str:
         return ",".join(self.topics[k] for k in ("learning", "content", "engagement"))
 
+    def produce(self, config) -> list:
+        """Generates the stream of ``config`` (a scripts.produce.TrafficConfig), sends it to
+        this stack's topics and returns what was sent (each record with its real topic)."""
+        from scripts.produce import generate, produce  # imported here: most fixtures need neither
+        records = [r._replace(topic=self.topic_for(r.topic)) for r in generate(config)]
+        produce(iter(records), self.brokers)
+        return records
+
     def pipeline_args(self, **extra) -> list[str]:
         args = {"brokers": self.brokers, "topics": self.event_topics(), "dlq_topic": self.topics["dlq"],
                 "aggregates_topic": self.topics["aggregated"], "group_id": self.group_id,

@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from scripts.produce import TrafficConfig, generate, produce
-from tests.integration.conftest import BROKERS
+from scripts.produce import TrafficConfig
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +21,7 @@ def json_lines(stderr: str) -> list[dict]:
 
 
 def test_the_job_logs_json_start_stop_and_dead_letter_counts(stack):
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(CONFIG)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(CONFIG)
     bad = Counter(r.error_code for r in records if r.error_code)
     assert sum(bad.values()) > 20
 

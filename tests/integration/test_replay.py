@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from scripts.produce import TrafficConfig, generate, produce
+from scripts.produce import TrafficConfig
 from tests.integration.conftest import BROKERS, REPO
 from tests.integration.expected import assert_metrics_match
 
@@ -39,8 +39,7 @@ def replay(stack, *args, timeout=300):
 
 @pytest.fixture(scope="module")
 def produced(stack):
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(CONFIG)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(CONFIG)
     assert stack.run_streaming(until_idle=4).returncode == 0
     return records
 

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from scripts.produce import TrafficConfig, generate, produce
+from scripts.produce import TrafficConfig
 from tests.integration.conftest import BROKERS, REPO
 from tests.integration.expected import assert_metrics_match, expected_metrics
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics, topic_records
@@ -28,8 +28,7 @@ pytestmark = pytest.mark.integration
 def produce_stream(stack, events: int, seed: int, span_seconds: int = 1800) -> list:
     cfg = TrafficConfig(events=events, users=80, concepts=12, content_items=25, span_seconds=span_seconds,
                         malformed_fraction=0.02, json_fraction=0.2, seed=seed)
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(cfg)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(cfg)
     return records
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from scripts.produce import TrafficConfig, generate, produce
+from scripts.produce import TrafficConfig
 from tests.integration.conftest import BROKERS
 from tests.integration.expected import assert_metrics_match, expected_metrics
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics, topic_records
@@ -21,8 +21,7 @@ CONFIG = TrafficConfig(events=6000, users=60, concepts=12, content_items=25, spa
 
 @pytest.fixture(scope="module")
 def produced(stack):
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(CONFIG)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(CONFIG)
     return records
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from scripts.produce import TrafficConfig, generate, produce
-from tests.integration.conftest import BROKERS, REPO
+from scripts.produce import TrafficConfig
+from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,7 @@ def send_now(stack, n, seed, per_window, end_ms=None):
     default); counts the valid ones by 1-minute window into ``per_window``."""
     end_ms = end_ms or int(time.time() * 1000)
     cfg = TrafficConfig(events=n, span_seconds=1, end_time_ms=end_ms, max_disorder_ms=0, seed=seed)
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(cfg)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(cfg)
     for r in records:
         if r.error_code is None:
             start = r.fields["occurred_at"] // 60_000 * 60_000

@@ -8,12 +8,12 @@ source topic: it needs a person's look, and is sent again only when asked
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 
 import psycopg2
 from psycopg2.extras import execute_values
 
+from schemas.settings import redact
 from transforms.recovery.request import BadRequest, RecoveryRequest, Stored, Tally
 
 LEDGER = "dead_letter_recoveries"
@@ -25,10 +25,6 @@ _CONFIRM = f"""UPDATE {LEDGER} AS r SET status = 'published', published_at = now
     republished_partition = v.rp, republished_offset = v.ro
 FROM (VALUES %s) AS v(t, dp, dof, rp, ro)
 WHERE r.dlq_topic = v.t AND r.dlq_partition = v.dp AND r.dlq_offset = v.dof"""
-
-
-def redact(dsn: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
 def connect(dsn: str) -> "psycopg2.extensions.connection":
