@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from scripts.produce import TrafficConfig, generate, produce
+from scripts.produce import TrafficConfig
 from service.replay_api import ReplaySettings, make_replay_router
 from tests.integration.conftest import BROKERS, REPO
 from tests.integration.test_replay import HOUR, iso, replay
@@ -100,8 +100,7 @@ def rows(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def produced(stack):
-    records = [r._replace(topic=stack.topic_for(r.topic)) for r in generate(CONFIG)]
-    produce(iter(records), BROKERS)
+    records = stack.produce(CONFIG)
     return records
 
 
@@ -148,7 +147,7 @@ def test_replay_over_http_writes_the_dataset_the_command_line_writes(stack, prod
 
     # Every line of the replay process carries the id (progress, log lines from it and its workers).
     lines = stderr_lines(status)
-    assert len(lines) >= 3 and all(f"[{cid}]" in line for line in lines), lines
+    assert len(lines) >= 3 and all(f"[{cid}]" in line for line in lines), [l for l in lines if f"[{cid}]" not in l]
     service_lines = [r.getMessage() for r in caplog.records if r.name == "service.replay"]
     assert len([line for line in service_lines if started["replay_id"] in line and cid in line
                 and (" started: " in line or " succeeded: " in line)]) == 2, service_lines
