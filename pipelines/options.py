@@ -33,7 +33,7 @@ from apache_beam.runners.runner import PipelineRunner
 from pipelines import logs
 from pipelines.logs import tag
 from schemas.settings import WINDOW_SIZES_S, redact, setting  # noqa: F401  (redact: for the commands)
-from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS
+from schemas.topics import AGGREGATES_TOPIC, ALERTS_TOPIC, DLQ_TOPIC, EVENT_TOPICS
 from transforms.sinks import AggregateSinks
 from transforms.sinks.resilience import SinkRetryConfig
 
@@ -81,6 +81,8 @@ class AnalyticsOptions(PipelineOptions):
         g.add_argument("--dlq_topic", default=DLQ_TOPIC, help="where dead letters are published")
         g.add_argument("--aggregates_topic", default=AGGREGATES_TOPIC,
                        help="where the Kafka sink publishes window aggregates")
+        g.add_argument("--alerts_topic", default=ALERTS_TOPIC,
+                       help="where anomaly alerts are published (schema 'alert')")
         g.add_argument("--group_id", default=setting("ANALYTICS_GROUP_ID"),
                        help="Kafka consumer group whose offsets are committed [ANALYTICS_GROUP_ID]")
         g.add_argument("--redis_url", default=setting("REDIS_URL"),

@@ -16,6 +16,7 @@ PARTITIONS: dict[str, int] = {
     "engagement.events.v1": 3,
     "analytics.dlq.v1": 1,
     "analytics.aggregated.v1": 3,
+    "analytics.alerts.v1": 1,
 }
 
 
@@ -32,3 +33,4 @@ def event_topics() -> tuple[str, ...]:
 EVENT_TOPICS: tuple[str, ...] = event_topics()
 DLQ_TOPIC: str = _topic_of("dead_letter")
 AGGREGATES_TOPIC: str = _topic_of("aggregated_metric")
+ALERTS_TOPIC: str = _topic_of("alert")

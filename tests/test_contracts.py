@@ -9,14 +9,14 @@ import pytest
 
 from schemas import default_registry
 from schemas.settings import LOCAL_STACK, parse_instant, setting
-from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS, PARTITIONS
+from schemas.topics import AGGREGATES_TOPIC, ALERTS_TOPIC, DLQ_TOPIC, EVENT_TOPICS, PARTITIONS
 from schemas.wire import decode_avro, encode_avro, schema_id_of
 
 
 def test_every_topic_a_subject_names_has_a_partition_count_and_no_other():
     named = {default_registry().latest(s).topic for s in default_registry().subjects()}
     assert named == set(PARTITIONS)
-    assert set(EVENT_TOPICS) | {DLQ_TOPIC, AGGREGATES_TOPIC} == named
+    assert set(EVENT_TOPICS) | {DLQ_TOPIC, AGGREGATES_TOPIC, ALERTS_TOPIC} == named
     assert DLQ_TOPIC == "analytics.dlq.v1" and "learning.events.v1" in EVENT_TOPICS
 
 

@@ -20,9 +20,10 @@ def field(fields, name):
 def test_ids_are_stable_and_unique():
     reg = default_registry()
     ids = [e.schema_id for e in reg]
-    assert len(ids) == len(set(ids)) == 13
+    assert len(ids) == len(set(ids)) == 14
     assert reg.by_id(1).subject == "question_answered"
     assert reg.by_id(100).subject == "dead_letter"
+    assert reg.by_id(102).subject == "alert"
     assert SchemaRegistry.load().by_id(11).subject == reg.by_id(11).subject == "challenge_completed"
     with pytest.raises(UnknownSchemaError):
         reg.by_id(999)
@@ -38,7 +39,7 @@ def test_adding_an_optional_field_is_a_new_version():
     reg, raw = evolve("session_started", lambda f: f.append(
         {"name": "referrer", "type": ["null", "string"], "default": None}))
     entry = reg.register("session_started", raw)
-    assert entry.version == 2 and entry.schema_id == max(e.schema_id for e in reg) == 102
+    assert entry.version == 2 and entry.schema_id == max(e.schema_id for e in reg) == 103
     assert reg.latest("session_started") is entry
     assert reg.register("session_started", raw) is entry  # same schema: same entry
 

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.settings import setting
-from schemas.topics import AGGREGATES_TOPIC, DLQ_TOPIC, EVENT_TOPICS, PARTITIONS
+from schemas.topics import AGGREGATES_TOPIC, ALERTS_TOPIC, DLQ_TOPIC, EVENT_TOPICS, PARTITIONS
 
 BROKERS = setting("KAFKA_BROKERS")
 PG_BASE = setting("POSTGRES_DSN")
@@ -30,7 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # logical name -> (topic, partitions); a test's copies get a suffix
 TOPICS = {**{name.split(".")[0]: (name, PARTITIONS[name]) for name in EVENT_TOPICS},
-          "dlq": (DLQ_TOPIC, PARTITIONS[DLQ_TOPIC]), "aggregated": (AGGREGATES_TOPIC, PARTITIONS[AGGREGATES_TOPIC])}
+          "dlq": (DLQ_TOPIC, PARTITIONS[DLQ_TOPIC]), "aggregated": (AGGREGATES_TOPIC, PARTITIONS[AGGREGATES_TOPIC]),
+          "alerts": (ALERTS_TOPIC, PARTITIONS[ALERTS_TOPIC])}
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Stack:
 
     def pipeline_args(self, **extra) -> list[str]:
         args = {"brokers": self.brokers, "topics": self.event_topics(), "dlq_topic": self.topics["dlq"],
-                "aggregates_topic": self.topics["aggregated"], "group_id": self.group_id,
+                "aggregates_topic": self.topics["aggregated"], "alerts_topic": self.topics["alerts"],
+                "group_id": self.group_id,
                 "redis_url": self.redis_url, "postgres_dsn": self.dsn,
                 # No HTTP service unless a test asks (http_port=...): jobs run side by side.
                 "http_port": 0}

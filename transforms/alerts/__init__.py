@@ -1,0 +1,1 @@
+"""Anomaly detection and alerts; see README "Alert rules"."""
