@@ -11,7 +11,9 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "transforms", "transforms.*", "schemas", "service"]),
-    package_data={"schemas": ["registry.json", "avro/*/*.avsc", "postgres.sql"]},
+    package_data={"schemas": ["registry.json", "avro/*/*.avsc", "postgres.sql"],
+                  # The dashboard's page, script and style: served by the service itself (offline).
+                  "service": ["static/*"]},
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",
         "fastavro>=1.9,<2",
@@ -27,7 +29,8 @@ setup(
         # Structured logs (--log_format json): one JSON object a line.
         "python-json-logger>=3.1,<5",
     ],
-    extras_require={"test": ["pytest>=8", "httpx>=0.27,<1"]},
+    # selenium drives Debian's chromium/chromedriver (scripts/install_browser.sh), never a downloaded browser.
+    extras_require={"test": ["pytest>=8", "httpx>=0.27,<1", "selenium>=4.15,<5"]},
     # The same commands as `python -m pipelines.streaming` (and .replay,
     # .recover_dead_letters), on the PATH once the package is installed.
     entry_points={"console_scripts": [

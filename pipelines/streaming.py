@@ -185,8 +185,9 @@ def start_service(options: PipelineOptions) -> Optional[Service]:
         service = Service.start(options.view_as(AnalyticsOptions), sopts.http_host, int(sopts.http_port), shown)
     except ServerError as e:
         fail(f"--http_host/--http_port: {e}")
-    print(f"analytics service listening on {service.server.url} (/health, /metrics, /events/status, "
-          "/events/replay)", file=sys.stderr)
+    print(f"analytics service listening on {service.server.url} (dashboard: {service.server.url}/ ; "
+          "/health, /metrics, /events/status, /events/replay, /dashboard/data, /learners/{id}, "
+          "/concepts/hardest)", file=sys.stderr)
     return service
 
 

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 echo "== installing the project and its test dependencies"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "== the dashboard test's headless browser (Debian's chromium, installed when missing)"
+bash scripts/install_browser.sh
 echo "== starting the local stack"
 scripts/stack.sh up
 echo "== running the tests"

@@ -1,7 +1,8 @@
 """The FastAPI application of the analytics service.
 
     ctx = ServiceContext.for_job(opts, options_dict)   # before the job runs
-    app = create_app(ctx)                              # /health, /metrics, /events/status, /events/replay
+    app = create_app(ctx)                              # /health, /metrics, /events/status, /events/replay,
+                                                       # / (dashboard), /dashboard/data, /learners, /concepts
     ctx.attach(result)                                 # once p.run() returned
 
 Sync endpoints on purpose: each does bounded blocking I/O (the job service,
@@ -21,6 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.correlation import CorrelationMiddleware
+from service.dashboard import ServingReader
+from service.dashboard_api import make_dashboard_router, static_files
 from service.health import Health, kafka_check, postgres_check, redis_check
 from service.job_metrics import JobMetrics
 from service.lag import ConsumerLag
@@ -41,6 +44,7 @@ class ServiceContext:
     sampler: RateSampler
     options: dict                         # the job's options, secrets redacted
     replay: Optional[ReplaySettings] = None
+    serving: Optional[ServingReader] = None   # the dashboard's Redis reads; None when Redis is not a sink
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -53,8 +57,10 @@ class ServiceContext:
         replay = ReplaySettings(brokers=opts.brokers, postgres_dsn=opts.postgres_dsn, topics=opts.topics,
                                 dlq_topic=opts.dlq_topic, token=os.environ.get("REPLAY_API_TOKEN") or None,
                                 work_dir=tempfile.mkdtemp(prefix="learning-analytics-replays-"), repo=REPO)
+        serving = ServingReader(opts.redis_url) if "redis" in opts.sink_set() else None
         return cls(job=job, lag=ConsumerLag(opts.brokers, opts.group_id, opts.topic_list()),
-                   health=Health(checks, job), sampler=RateSampler(job), options=shown_options, replay=replay)
+                   health=Health(checks, job), sampler=RateSampler(job), options=shown_options, replay=replay,
+                   serving=serving)
 
     def attach(self, result) -> None:
         """The running job's PipelineResult: metrics and state come from it from now on."""
@@ -67,6 +73,8 @@ class ServiceContext:
         self.sampler.stop()
         self.health.close()
         self.lag.close()
+        if self.serving is not None:
+            self.serving.close()
 
 
 def create_app(ctx: ServiceContext) -> FastAPI:
@@ -86,9 +94,16 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def job_status() -> dict:
+        return status(ctx.job, ctx.lag, ctx.sampler, ctx.started_at, ctx.options)
+
     @app.get("/events/status")
     def events_status() -> dict:
-        return status(ctx.job, ctx.lag, ctx.sampler, ctx.started_at, ctx.options)
+        return job_status()
+
+    # The dashboard: its numbers for the job are job_status() itself, the rest is read from Redis.
+    app.include_router(make_dashboard_router(ctx.serving, job_status))
+    app.mount("/static", static_files(), name="static")
 
     if ctx.replay is not None:
         app.include_router(make_replay_router(ctx.replay))
