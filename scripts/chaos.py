@@ -48,7 +48,6 @@ from typing import Iterator, Optional
 from confluent_kafka import Consumer, TopicPartition
 
 from scripts.produce import TrafficConfig, generate, produce
-from tests.integration import conftest
 from tests.integration.conftest import BROKERS, PG_BASE, REDIS_BASE, REPO, isolated_stack
 from tests.integration.instances import private
 from tests.integration.expected import expected_metrics
@@ -360,9 +359,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --kinds must be some of {','.join(KINDS)}; --trials, --events, --rate positive",
               file=sys.stderr)
         return 2
-    # Redis databases of their own, apart from the test suite's (1 and up) and
-    # the benchmark's (14), should the trials run on the shared stack.
-    conftest._free_redis_dbs[:] = [12, 13]
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     servers = private_servers() if args.servers == "private" else nullcontext(Servers(BROKERS, PG_BASE, REDIS_BASE))

@@ -95,9 +95,33 @@ def services():
         pytest.fail(f"the local stack is not up ({problem}); run scripts/stack.sh up", pytrace=False)
 
 
-# Redis has 16 databases; 0 is the demo's. A test's database is flushed and
-# handed back when it ends.
-_free_redis_dbs = list(range(1, 16))
+# Redis has 16 databases; 0 is the demo's, 13 and 14 the profile and benchmark
+# scripts' defaults. A test claims one of the others with a key in database 0
+# (so that test runs in other processes, e.g. two pytest runs side by side,
+# never share one), flushes it, and hands it back when it ends.
+TEST_REDIS_DBS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15)
+CLAIM_TTL_S = 3 * 3600  # a crashed run's claims expire by themselves
+
+
+def _claim_key(db: int) -> str:
+    return f"it:redis-db-claimed:{db}"
+
+
+def claim_redis_db(redis_base: str = REDIS_BASE, wait_s: float = 120.0) -> int:
+    """A Redis database no other test process uses; waits while all are taken."""
+    registry = redis.Redis.from_url(f"{redis_base}/0")
+    deadline = time.monotonic() + wait_s
+    while True:
+        for db in TEST_REDIS_DBS:
+            if registry.set(_claim_key(db), os.getpid(), nx=True, ex=CLAIM_TTL_S):
+                return db
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"every test Redis database {TEST_REDIS_DBS} is claimed (keys it:redis-db-claimed:*)")
+        time.sleep(1)
+
+
+def release_redis_db(db: int, redis_base: str = REDIS_BASE) -> None:
+    redis.Redis.from_url(f"{redis_base}/0").delete(_claim_key(db))
 
 
 @contextlib.contextmanager
@@ -121,7 +145,7 @@ def isolated_stack(*, brokers: str = BROKERS, pg_base: str = PG_BASE, redis_base
     schema = schema or f"it_{suffix}"
     with psycopg2.connect(pg_base) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE SCHEMA {schema}")
-    db = _free_redis_dbs.pop(0) if redis_db is None else redis_db
+    db = claim_redis_db(redis_base) if redis_db is None else redis_db
     redis_url = f"{redis_base}/{db}"
     redis.Redis.from_url(redis_url).flushdb()
     time.sleep(1)  # let topic metadata settle before producers and consumers use it
@@ -132,7 +156,7 @@ def isolated_stack(*, brokers: str = BROKERS, pg_base: str = PG_BASE, redis_base
     finally:
         _remove(admin, list(topics.values()), pg_base, schema, redis_url, problems)
         if redis_db is None:
-            _free_redis_dbs.append(db)
+            release_redis_db(db, redis_base)
 
 
 def _remove(admin: AdminClient, topics: list[str], pg_base: str, schema: str, redis_url: str,
