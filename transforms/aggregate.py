@@ -114,6 +114,12 @@ RULES: dict[str, list[tuple[str, str | None, dict[str, Increment]]]] = {
 }
 
 
+def is_wide(window_seconds: int) -> bool:
+    """Whether windows of this size fold the internal ``concept_user`` family
+    (and their concept rows carry ``struggling_users``)."""
+    return window_seconds >= WIDE_WINDOW_S
+
+
 def concept_user_entity(concept_id: str, user_id: str) -> str:
     """The ``concept_user`` entity: ``<len(concept)>:<concept>|<user>``, so an id
     holding ``|`` or ``:`` cannot make two pairs one."""
@@ -237,7 +243,7 @@ def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...], into: Option
     out (nothing of it was added); without it, the exception propagates.
     """
     partials = {} if into is None else into
-    wide_sizes = frozenset(s for s in sizes_ms if s >= WIDE_WINDOW_S * 1000)
+    wide_sizes = frozenset(s for s in sizes_ms if is_wide(s // 1000))
     for event in events:
         ts = event.event_time_ms
         try:
@@ -292,7 +298,7 @@ def metric_rows(partial: Partial, only: Optional[Partial] = None,
     whole window (``partial``), so a concept row is right whatever pane emits it.
     """
     rows = []
-    wide = CONCEPT_USER in partial if window_seconds is None else window_seconds >= WIDE_WINDOW_S
+    wide = CONCEPT_USER in partial if window_seconds is None else is_wide(window_seconds)
     struggling: Optional[dict] = None
     for family, entities in (partial if only is None else only).items():
         if family in INTERNAL_FAMILIES:
