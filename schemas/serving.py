@@ -17,6 +17,8 @@ PROFILE_KEY = PREFIX + ":profile:{user_id}"
 # Sorted set: concept -> accuracy in the current hour window, lowest first
 # (ZRANGE ... 0 9 WITHSCORES gives the ten hardest); replaced when a newer hour starts.
 HARDEST_CONCEPTS_KEY = PREFIX + ":concepts:hardest"
+# The start (epoch ms) of the hour window the sorted set holds; it only moves forward.
+HARDEST_CONCEPTS_WINDOW_KEY = HARDEST_CONCEPTS_KEY + ":window"
 
 # List of the most recent alerts (RAISED and RESOLVED), newest first, each the
 # alert record as JSON; trimmed to RECENT_ALERTS_KEPT entries.

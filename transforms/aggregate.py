@@ -12,6 +12,13 @@ carry every metric family:
 - ``user``:    events, answers, accuracy, mean response time;
 - ``content``: views, view time, ratings and mean rating.
 
+Windows of an hour or more also count each (concept, user)'s answers in the
+internal family ``concept_user``, from which each concept row gets
+``struggling_users``: the users whose accuracy on the concept is below
+:data:`STRUGGLING_BELOW_ACCURACY` over at least :data:`STRUGGLING_MIN_ANSWERS`
+answers in the window. The family lives in the partials (so the window ledger
+and the seeds carry it) but is never a row: the sinks never see it.
+
 Why the shape: fanning every event out into four windows and several keys
 costs a Python runner more than the arithmetic does. So :class:`FoldIntoWindows`
 folds each batch into one small partial aggregate per (window size, window) in
@@ -54,6 +61,17 @@ if TYPE_CHECKING:  # the sinks package imports this module
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
 OVERALL_ENTITY = "all"
+# Internal: answers per (concept, user), only in windows of WIDE_WINDOW_S or
+# more (a 1-minute window would pay per event for keys nobody reads). Kept in
+# the partials, the ledger and AccumulatePanes' state; never emitted as a row.
+CONCEPT_USER = "concept_user"
+INTERNAL_FAMILIES = frozenset({CONCEPT_USER})
+WIDE_WINDOW_S = 3600
+
+# A user struggles with a concept in a window when fewer than half of at least
+# five answers on it were correct (concept rows of windows >= WIDE_WINDOW_S).
+STRUGGLING_MIN_ANSWERS = 5
+STRUGGLING_BELOW_ACCURACY = 0.5
 
 # The raw counters of each family, in a fixed order: accumulators are lists.
 COUNTERS: dict[str, tuple[str, ...]] = {
@@ -64,6 +82,7 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     CONCEPT: ("answers", "correct", "response_time_ms_sum", "mastery_updates", "mastery_change"),
     USER: ("events", "answers", "correct", "response_time_ms_sum"),
     CONTENT: ("views", "view_duration_ms_sum", "ratings", "rating_sum"),
+    CONCEPT_USER: ("answers", "correct"),
 }
 
 # A counter increment: a constant, the name of a numeric field, or a function of the fields.
@@ -92,6 +111,32 @@ RULES: dict[str, list[tuple[str, str | None, dict[str, Increment]]]] = {
     "notification_opened": [(OVERALL, None, {"notifications_opened": 1})],
     "achievement_unlocked": [(OVERALL, None, {"achievements": 1})],
     "challenge_completed": [(OVERALL, None, {"challenges_completed": 1})],
+}
+
+
+def is_wide(window_seconds: int) -> bool:
+    """Whether windows of this size fold the internal ``concept_user`` family
+    (and their concept rows carry ``struggling_users``)."""
+    return window_seconds >= WIDE_WINDOW_S
+
+
+def concept_user_entity(concept_id: str, user_id: str) -> str:
+    """The ``concept_user`` entity: ``<len(concept)>:<concept>|<user>``, so an id
+    holding ``|`` or ``:`` cannot make two pairs one."""
+    return f"{len(concept_id)}:{concept_id}|{user_id}"
+
+
+def concept_of(entity: str) -> str:
+    """The concept of a ``concept_user`` entity."""
+    n, rest = entity.split(":", 1)
+    return rest[:int(n)]
+
+
+# What an event type adds to windows of WIDE_WINDOW_S or more only:
+# (family, entity of the fields, increments).
+WIDE_RULES: dict[str, list[tuple[str, Callable[[dict], str], dict[str, Increment]]]] = {
+    "question_answered": [(CONCEPT_USER, lambda f: concept_user_entity(f["concept_id"], f["user_id"]),
+                           {"answers": 1, "correct": lambda f: 1 if f["correct"] else 0})],
 }
 
 # Derived metrics: name -> (numerator counter, denominator counter).
@@ -133,6 +178,10 @@ def _compile_rules() -> dict[str, list[tuple[str, str | None, list[tuple[int, In
 
 
 _COMPILED = _compile_rules()
+_WIDE_COMPILED = {event_type: [(family, entity_of, [(COUNTERS[family].index(name), inc)
+                                                    for name, inc in increments.items()])
+                               for family, entity_of, increments in rules]
+                  for event_type, rules in WIDE_RULES.items()}
 
 
 def contributions(event: Event) -> list[tuple[str, str, list[tuple[int, float]]]]:
@@ -144,6 +193,16 @@ def contributions(event: Event) -> list[tuple[str, str, list[tuple[int, float]]]
             fields[inc] if isinstance(inc, str) else inc(fields))) for i, inc in increments]
         out.append((family, OVERALL_ENTITY if entity_field is None else fields[entity_field], amounts))
     return out
+
+
+def wide_contributions(event: Event) -> Optional[list[tuple[str, str, list[tuple[int, float]]]]]:
+    """What one event adds to windows of WIDE_WINDOW_S or more only (None: nothing)."""
+    rules = _WIDE_COMPILED.get(event.event_type)
+    if rules is None:
+        return None
+    fields = event.fields
+    return [(family, entity_of(fields), [(i, inc if isinstance(inc, int) else inc(fields)) for i, inc in increments])
+            for family, entity_of, increments in rules]
 
 
 def add_contribution(partial: Partial, family: str, entity: str,
@@ -184,10 +243,13 @@ def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...], into: Option
     out (nothing of it was added); without it, the exception propagates.
     """
     partials = {} if into is None else into
+    wide_sizes = frozenset(s for s in sizes_ms if is_wide(s // 1000))
     for event in events:
         ts = event.event_time_ms
         try:
             parts = contributions(event)
+            # Most events add nothing to the wide windows: look before calling.
+            wide = wide_contributions(event) if wide_sizes and event.event_type in _WIDE_COMPILED else None
         except Exception as e:
             if on_error is None:
                 raise
@@ -202,6 +264,9 @@ def fold_events(events: Iterable[Event], sizes_ms: tuple[int, ...], into: Option
                 slot[1] = ts
             for family, entity, amounts in parts:
                 add_contribution(slot[0], family, entity, amounts)
+            if wide is not None and size in wide_sizes:
+                for family, entity, amounts in wide:
+                    add_contribution(slot[0], family, entity, amounts)
     return partials
 
 
@@ -221,12 +286,23 @@ class WindowAggregate(NamedTuple):
     rows: list  # of MetricRow
 
 
-def metric_rows(partial: Partial, only: Optional[Partial] = None) -> list[MetricRow]:
+def metric_rows(partial: Partial, only: Optional[Partial] = None,
+                window_seconds: Optional[int] = None) -> list[MetricRow]:
     """Raw counters plus derived ratios for every entity of ``partial`` (or only
     for those that appear in ``only``); a ratio with a zero denominator is
-    left out rather than invented."""
+    left out rather than invented. Internal families give no rows.
+
+    Concept rows get ``struggling_users`` (see :func:`struggling_users`) in
+    windows of ``window_seconds`` >= WIDE_WINDOW_S, or, with no size given,
+    when ``partial`` holds the ``concept_user`` family. It is counted over the
+    whole window (``partial``), so a concept row is right whatever pane emits it.
+    """
     rows = []
+    wide = CONCEPT_USER in partial if window_seconds is None else is_wide(window_seconds)
+    struggling: Optional[dict] = None
     for family, entities in (partial if only is None else only).items():
+        if family in INTERNAL_FAMILIES:
+            continue
         names, ratios = COUNTERS[family], RATIOS[family]
         for entity in entities:
             counters = partial[family][entity]
@@ -236,8 +312,24 @@ def metric_rows(partial: Partial, only: Optional[Partial] = None) -> list[Metric
                     metrics[name] = metrics[num] / metrics[den]
             if family == OVERALL:
                 metrics["active_users"] = float(len(partial.get(USER, ())))
+            elif family == CONCEPT and wide:
+                if struggling is None:
+                    struggling = struggling_users(partial)
+                metrics["struggling_users"] = float(struggling.get(entity, 0))
             rows.append(MetricRow(family, entity, metrics))
     return rows
+
+
+def struggling_users(partial: Partial) -> dict[str, int]:
+    """{concept: users with at least STRUGGLING_MIN_ANSWERS answers on it and an
+    accuracy below STRUGGLING_BELOW_ACCURACY} over the window's ``concept_user``
+    counters; concepts with none are absent."""
+    counts: dict[str, int] = {}
+    for entity, (answers, correct) in partial.get(CONCEPT_USER, {}).items():
+        if answers >= STRUGGLING_MIN_ANSWERS and correct < STRUGGLING_BELOW_ACCURACY * answers:
+            concept = concept_of(entity)
+            counts[concept] = counts.get(concept, 0) + 1
+    return counts
 
 
 TOO_LATE = "too_late"          # output tags
@@ -523,7 +615,7 @@ class AccumulatePanes(beam.DoFn):
         if not state.closed and (not self.emit_early or self._catching_up(key)):
             total.write(state)  # the timer at the window's end emits these rows
             return
-        rows = metric_rows(state.partial, only=delta)
+        rows = metric_rows(state.partial, only=delta, window_seconds=_seconds(key))
         total.write(state._replace(panes=state.panes + 1))
         yield _aggregate(key, "LATE" if state.closed else "EARLY", state.panes, rows)
 
@@ -539,13 +631,17 @@ class AccumulatePanes(beam.DoFn):
         total.write(state._replace(closed=True, panes=state.panes + 1))
         if self.expire:
             timer.set(_max_timestamp(key) + self.allowed_lateness)
-        yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial))
+        yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial, window_seconds=_seconds(key)))
 
     def _catching_up(self, key) -> bool:
         if self.catch_up_after_s is None or key[2] / 1000 >= time.time() - self.catch_up_after_s:
             return False
         self.early_skipped.inc()
         return True
+
+
+def _seconds(key) -> int:
+    return (key[2] - key[1]) // 1000
 
 
 def _max_timestamp(key) -> Timestamp:

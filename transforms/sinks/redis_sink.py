@@ -10,6 +10,14 @@ old windows expire by themselves. An accumulating pane carries the full value,
 so writing it again (a refire, a replay, a retry) overwrites, never adds.
 ``analytics:<label>:latest`` holds the start of the newest window written.
 
+The hardest concepts now: the sorted set ``schemas.serving.HARDEST_CONCEPTS_KEY``
+(concept -> accuracy, lowest first) of the newest hour window, written with
+each 1-hour pane by one Lua script (atomic, so parallel writers agree):
+concepts with fewer than :data:`HARDEST_MIN_ANSWERS` answers are left out, a
+pane of a newer hour replaces the set, a late pane of an older hour leaves it
+alone (``HARDEST_CONCEPTS_WINDOW_KEY`` holds the hour it is of). A dashboard
+reads it with ``ZRANGE analytics:concepts:hardest 0 9 WITHSCORES``.
+
 When Redis is away, a pane's write is retried on a new client, then held by
 the DoFn's circuit breaker until Redis answers a PING again (see
 ``transforms/sinks/resilience.py``): the bundle waits, nothing is dropped.
@@ -25,12 +33,49 @@ from apache_beam.metrics import Metrics
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from transforms.aggregate import WindowAggregate, window_label
+from schemas.serving import HARDEST_CONCEPTS_KEY, HARDEST_CONCEPTS_WINDOW_KEY
+from transforms.aggregate import CONCEPT, WindowAggregate, window_label
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 from transforms.sinks.written import PaneWritten
 
 # How long values stay readable after a write, per window size (seconds).
 DEFAULT_TTL_S = {60: 2 * 3600, 300: 12 * 3600, 3600: 3 * 86400, 86400: 8 * 86400}
+
+
+# The hardest concepts are those of the hour window; a concept counts once it
+# has this many answers in it, so that one wrong answer does not top the set.
+HARDEST_WINDOW_S = 3600
+HARDEST_MIN_ANSWERS = 20
+
+# KEYS: the set, its window key. ARGV: window start ms, TTL s, then concept,
+# accuracy pairs ("" as accuracy: not (yet) enough answers, so not in the set).
+_HARDEST_LUA = """
+local current = tonumber(redis.call('GET', KEYS[2]))
+local start = tonumber(ARGV[1])
+if current and start < current then return 0 end
+if current == nil or start > current then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('ZREM', KEYS[1], ARGV[i])
+  else redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def hardest_concepts_args(agg: WindowAggregate) -> list:
+    """The concept rows of an hour pane as the script's (concept, accuracy or "") pairs."""
+    args: list = []
+    for row in agg.rows:
+        if row.family == CONCEPT:
+            m = row.metrics
+            enough = m.get("answers", 0) >= HARDEST_MIN_ANSWERS and "accuracy" in m
+            args += [row.entity_id, repr(m["accuracy"]) if enough else ""]
+    return args
 
 
 def metric_key(prefix: str, window_seconds: int, window_start_ms: int, family: str, entity: str) -> str:
@@ -60,6 +105,7 @@ class WriteMetricsToRedisFn(beam.DoFn):
     def __init__(self, url: str, prefix: str = "analytics", ttl_s: Optional[dict] = None,
                  retry: Optional[SinkRetryConfig] = None):
         self.url, self.prefix = url, prefix
+        self.hardest_keys = [HARDEST_CONCEPTS_KEY, HARDEST_CONCEPTS_WINDOW_KEY]
         self.ttl_s = dict(DEFAULT_TTL_S, **(ttl_s or {}))
         self.retry = retry or SinkRetryConfig()
         self.written = Metrics.counter("WriteMetricsToRedis", "hashes_written")
@@ -99,6 +145,7 @@ class WriteMetricsToRedisFn(beam.DoFn):
         """One pane in one pipelined round trip; idempotent, so a retry may repeat it whole."""
         if self.client is None:
             self.client = _client(self.url, self.retry.probe_timeout_s, self.retry.write_timeout_s)
+            self.hardest = self.client.register_script(_HARDEST_LUA)
         ttl = self.ttl_s.get(agg.window_seconds, 2 * agg.window_seconds + 3600)
         pipe = self.client.pipeline(transaction=False)
         for row in agg.rows:
@@ -108,6 +155,10 @@ class WriteMetricsToRedisFn(beam.DoFn):
             pipe.expire(key, ttl)
         latest = f"{self.prefix}:{window_label(agg.window_seconds)}:latest"
         pipe.set(latest, agg.window_start_ms, ex=ttl, nx=True)
+        if agg.window_seconds == HARDEST_WINDOW_S:
+            # Every hour pane, with concept rows or without: a newer hour replaces the set.
+            self.hardest(keys=self.hardest_keys, args=[agg.window_start_ms, ttl, *hardest_concepts_args(agg)],
+                         client=pipe)
         pipe.execute()
         # Only move "latest" forward: a late pane of an old window must not pull it back.
         current = self.client.get(latest)
