@@ -26,7 +26,7 @@ from schemas.serving import HARDEST_CONCEPTS_KEY, PREFIX
 
 # The windows of "the last 5 minutes, hour and day": label -> seconds.
 CONCEPT_WINDOWS = {"5m": 300, "1h": 3600, "1d": 86400}
-STRUGGLING_FROM_S = 3600  # windows this long or longer carry struggling_users
+STRUGGLING_WINDOW_S = 3600  # only the hour window's concept rows carry struggling_users
 
 
 def _text(value: Any) -> str:
@@ -56,7 +56,7 @@ def _window(seconds: int, start_ms: int, stored: dict) -> dict:
                  "accuracy": float(m["accuracy"]) if "accuracy" in m else None,
                  "mean_response_time_ms": float(m["mean_response_time_ms"]) if "mean_response_time_ms" in m else None,
                  "pane_timing": m.get("pane_timing")}
-    if seconds >= STRUGGLING_FROM_S:
+    if seconds == STRUGGLING_WINDOW_S:
         out["struggling_users"] = int(float(m.get("struggling_users", 0)))
     return out
 

@@ -325,13 +325,13 @@ def test_struggling_users_match_a_hand_count(size_s):
         for (_, start), (partial, _) in fold_events(events[i:i + 97], (size_s * S,)).items():
             merge_into(merged[start], partial)
     want = struggling_by_hand(events, size_s * S)
-    if size_s >= 3600:
+    if size_s == 3600:
         assert sum(want.values()) > 3  # the random part struggles too, not only the picked pairs
     for start, partial in merged.items():
         rows = metric_rows(partial, window_seconds=size_s)
         assert {r.family for r in rows} <= {"overall", "concept", "user"}
         for r in (r for r in rows if r.family == "concept"):
-            if size_s < 3600:
+            if size_s != 3600:
                 assert "struggling_users" not in r.metrics
             else:
                 assert r.metrics["struggling_users"] == want[(start, r.entity_id)], (start, r.entity_id)

@@ -61,15 +61,16 @@ if TYPE_CHECKING:  # the sinks package imports this module
 
 OVERALL, CONCEPT, USER, CONTENT = "overall", "concept", "user", "content"
 OVERALL_ENTITY = "all"
-# Internal: answers per (concept, user), only in windows of WIDE_WINDOW_S or
-# more (a 1-minute window would pay per event for keys nobody reads). Kept in
+# Internal: answers per (concept, user), only in the hour window (the
+# definition of struggling; any other size would pay per event for keys nobody
+# reads: a day window held a pair per concept and user seen that day). Kept in
 # the partials, the ledger and AccumulatePanes' state; never emitted as a row.
 CONCEPT_USER = "concept_user"
 INTERNAL_FAMILIES = frozenset({CONCEPT_USER})
 WIDE_WINDOW_S = 3600
 
 # A user struggles with a concept in a window when fewer than half of at least
-# five answers on it were correct (concept rows of windows >= WIDE_WINDOW_S).
+# five answers on it were correct (concept rows of the WIDE_WINDOW_S window).
 STRUGGLING_MIN_ANSWERS = 5
 STRUGGLING_BELOW_ACCURACY = 0.5
 
@@ -117,7 +118,7 @@ RULES: dict[str, list[tuple[str, str | None, dict[str, Increment]]]] = {
 def is_wide(window_seconds: int) -> bool:
     """Whether windows of this size fold the internal ``concept_user`` family
     (and their concept rows carry ``struggling_users``)."""
-    return window_seconds >= WIDE_WINDOW_S
+    return window_seconds == WIDE_WINDOW_S
 
 
 def concept_user_entity(concept_id: str, user_id: str) -> str:
