@@ -17,9 +17,10 @@ Logs: ``--log_format text|json`` and ``--log_level`` (pipelines/logs.py); the
 job's start (its options, redacted) and stop (exit code, reason) are INFO lines.
 
 Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
-DecodeAndValidate) -> ArchiveRawEvents (Postgres) and WindowedMetricsToSinks
+DecodeAndValidate) -> ArchiveRawEvents (Postgres), WindowedMetricsToSinks
 (1m/5m/1h/1d, early/on-time/late panes, to Redis, Postgres and the aggregates
-topic); every step's dead letters -> PublishDeadLetterStreams. Run ``--help``
+topic) and UpdateProfiles (learner profiles in Postgres and Redis, fast-answers
+signals); every step's dead letters -> PublishDeadLetterStreams. Run ``--help``
 for every option.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStr
 from transforms.kafka_read import KafkaReadConfig
 from transforms.ledger import WindowLedger
 from transforms.metrics_to_sinks import WindowedMetricsToSinks
+from transforms.profiles.update import UpdateProfiles
 from transforms.resume import LedgerCompactor, ResumePoint, resume_point
 from transforms.sinks.postgres_sink import ArchiveRawEvents
 from transforms.valid_events import ReadValidEvents
@@ -68,6 +70,9 @@ class StreamingOptions(PipelineOptions):
                             choices=["committed", "earliest", "latest"],
                             help="where to start a partition without a committed offset "
                                  "('committed' falls back to earliest)")
+        parser.add_argument("--profiles", default="true", choices=["true", "false"],
+                            help="keep learner behaviour profiles in Postgres learner_profiles and Redis "
+                                 "(analytics:profile:<user>), and the fast-answers alert rule")
 
 
 def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
@@ -100,6 +105,10 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     refused = (decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
                if opts.archive == "true" else None)
     windowed = decoded.events | "Windows" >> WindowedMetricsToSinks(windows(opts, point), opts.aggregate_sinks())
+    # AlertSignals of the fast-answers rule; the alert publisher consumes them.
+    profile_signals = (decoded.events | "Profiles" >> UpdateProfiles(opts.postgres_dsn, opts.redis_url, opts.group_id,
+                                                                    retry)
+                       if opts.view_as(StreamingOptions).profiles == "true" else None)
     # One producer step per stream, no Flatten: each stays fused with the
     # reader, whose offsets are committed only once their bundle's dead
     # letters are flushed.
@@ -118,7 +127,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     opts = options.view_as(AnalyticsOptions)
     if not opts.topic_list():
         fail("--topics is empty")
-    check_services(opts, redis_="redis" in opts.sink_set(), postgres=True)  # Postgres holds the window ledger
+    profiles = options.view_as(StreamingOptions).profiles == "true"
+    check_services(opts, redis_="redis" in opts.sink_set() or profiles, postgres=True)  # Postgres: the ledger
     use_local_runner(options, streaming=True)
     LOG.info("job starting: group %s, topics %s", opts.group_id, ",".join(opts.topic_list()),
              extra={"event": "job_start", "options": shown_options(options)})

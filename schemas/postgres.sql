@@ -82,3 +82,25 @@ CREATE TABLE IF NOT EXISTS dead_letter_recoveries (
     PRIMARY KEY (dlq_topic, dlq_partition, dlq_offset),
     UNIQUE (source_topic, source_partition, source_offset, attempt)
 );
+
+-- Learner behaviour profiles (transforms/profiles): one row per user, the whole
+-- profile state as jsonb (its shape: transforms/profiles/profile.py empty()),
+-- so that a new field needs no migration; readers wanting plain values read
+-- the Redis hash (schemas/serving.py PROFILE_KEY). Upserted by the streaming job.
+CREATE TABLE IF NOT EXISTS learner_profiles (
+    user_id    text        PRIMARY KEY,
+    profile    jsonb       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The next offset of each partition whose events are already in learner_profiles,
+-- per consumer group: written in the same transaction as the profiles ("offsets
+-- with the output"), so an event read again after a restart is recognised and
+-- skipped, and no event counts twice.
+CREATE TABLE IF NOT EXISTS profile_offsets (
+    group_id    text    NOT NULL,
+    topic       text    NOT NULL,
+    partition   integer NOT NULL,
+    next_offset bigint  NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+);
