@@ -19,7 +19,9 @@ job's start (its options, redacted) and stop (exit code, reason) are INFO lines.
 Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
 DecodeAndValidate) -> ArchiveRawEvents (Postgres) and WindowedMetricsToSinks
 (1m/5m/1h/1d, early/on-time/late panes, to Redis, Postgres and the aggregates
-topic); every step's dead letters -> PublishDeadLetterStreams. Run ``--help``
+topic); every step's dead letters -> PublishDeadLetterStreams; the 1m/5m panes
+and the dead letters -> EvaluateAlertRules -> PublishAlerts (one alert per anomaly
+episode, on --alerts_topic, in Postgres ``alerts`` and Redis). Run ``--help``
 for every option.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ from service.launcher import Stop, run_job
 from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
+from transforms.alerts.evaluate import EvaluateAlertRules
+from transforms.alerts.publish import AlertTargets, PublishAlerts
 from transforms.dead_letter_log import DEAD_LETTER_LOG
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
 from transforms.kafka_read import KafkaReadConfig
@@ -108,6 +112,14 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
         letters["ArchiveErrors"] = refused
     letters | "DeadLetters" >> PublishDeadLetterStreams(
         DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
+    # Anomaly alerts: rules on the 1m/5m panes and the dead letters, then one alert per episode.
+    rule_signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
+        opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters)
+    profile_signals = None  # hook: the profiles' fast_answers AlertSignals (transforms/profiles) go here
+    signals = ((rule_signals, profile_signals) | "AllSignals" >> beam.Flatten()
+               if profile_signals is not None else rule_signals)
+    signals | "Alerts" >> PublishAlerts(AlertTargets(opts.brokers, opts.postgres_dsn, opts.redis_url,
+                                                     opts.alerts_topic, retry))
 
 
 def run(argv: Optional[list[str]] = None) -> int:

@@ -82,3 +82,36 @@ CREATE TABLE IF NOT EXISTS dead_letter_recoveries (
     PRIMARY KEY (dlq_topic, dlq_partition, dlq_offset),
     UNIQUE (source_topic, source_partition, source_offset, attempt)
 );
+
+-- Anomaly alerts (transforms/alerts/publish.py): one row per RAISED and per RESOLVED
+-- record, the authority that makes alerts exactly-once across restarts. alert_id is
+-- deterministic (uuid5 of kind, entity, window start, status); a RAISED row is
+-- open while resolved_by is NULL, and the partial unique index allows one open
+-- episode per (kind, entity): INSERT ... ON CONFLICT DO NOTHING RETURNING tells
+-- the worker whether it raised the alert. 'published' is set once the record is
+-- on the alerts topic and in the Redis list; rows left unpublished (a crash in
+-- between) are published again when the job starts.
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id       uuid        PRIMARY KEY,
+    episode_id     uuid        NOT NULL,
+    status         text        NOT NULL CHECK (status IN ('RAISED', 'RESOLVED')),
+    kind           text        NOT NULL,
+    severity       text        NOT NULL,
+    entity_type    text        NOT NULL,
+    entity_id      text        NOT NULL,
+    window_seconds integer     NOT NULL,
+    window_start   timestamptz NOT NULL,
+    window_end     timestamptz NOT NULL,
+    observed       double precision NOT NULL,
+    expected_low   double precision NOT NULL,
+    expected_high  double precision NOT NULL,
+    message        text        NOT NULL,
+    created_at     timestamptz NOT NULL,
+    resolved_by    uuid,        -- on a RAISED row: the RESOLVED alert that closed the episode
+    published      boolean     NOT NULL DEFAULT false,
+    published_at   timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open_episode ON alerts (kind, entity_id)
+    WHERE status = 'RAISED' AND resolved_by IS NULL;
+CREATE INDEX IF NOT EXISTS alerts_by_entity ON alerts (kind, entity_id, window_start DESC);
+CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE NOT published;
