@@ -112,15 +112,17 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
         letters["ArchiveErrors"] = refused
     letters | "DeadLetters" >> PublishDeadLetterStreams(
         DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
-    # Anomaly alerts: rules on the 1m/5m panes and the dead letters, then one alert per episode.
-    rule_signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
+    # Anomaly alerts: rules on the 1m/5m panes and the dead letters, one alert per episode. Each
+    # signal stream gets its own publisher (no Flatten), fused with the step that judged it, so
+    # that an entity's signals arrive in window order; Postgres decides, whichever publisher asks.
+    signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
         opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters)
-    profile_signals = None  # hook: the profiles' fast_answers AlertSignals (transforms/profiles) go here
-    signals = ((rule_signals, profile_signals) | "AllSignals" >> beam.Flatten()
-               if profile_signals is not None else rule_signals)
-    signals | "Alerts" >> PublishAlerts(AlertTargets(opts.brokers, opts.postgres_dsn, opts.redis_url,
-                                                     opts.alerts_topic, retry))
-
+    profile_signals = None  # hook: the profiles' fast_answers AlertSignals (transforms/profiles)
+    if profile_signals is not None:
+        signals["Profiles"] = profile_signals
+    targets = AlertTargets(opts.brokers, opts.postgres_dsn, opts.redis_url, opts.alerts_topic, retry)
+    for name, stream in signals.items():
+        stream | f"Alerts{name}" >> PublishAlerts(targets)
 
 def run(argv: Optional[list[str]] = None) -> int:
     help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions,

@@ -1,7 +1,9 @@
 """EvaluateAlertRules: the job's windowed panes (and dead letters) in, AlertSignals out.
 
-    signals = EvaluateAlertRules(topics, postgres_dsn, retry).expand_from(
-        windowed.panes, {"": decoded.dead_letters, "TooLate": windowed.too_late, ...})
+    signals = windowed.panes | EvaluateAlertRules(topics, postgres_dsn, retry, dead_letters={
+        "": decoded.dead_letters, "TooLate": windowed.too_late, ...})
+    for name, book_signals in signals.items():
+        book_signals | f"Alerts{name}" >> PublishAlerts(targets)
 
 Two rule books, each a stateful step with one key (the volume is a pane a
 minute, so one worker suffices):
@@ -11,14 +13,17 @@ minute, so one worker suffices):
   event_rate_drop, dead_letter_rate.
 
 When a window is judged: only once the watermark passed its end (an event-time
-timer at the window's end), when its ON_TIME pane has arrived (that pane is
-emitted by a watermark timer, so it holds the watermark until it is here) and
-so have the dead letters of its records (a batch's timestamp is never later
-than its records' times). EARLY panes are ignored (partial counts); a LATE
+timer at the window's end), and its ON_TIME pane has arrived; the dead
+letters of its records were read with its events, before the watermark passed
+its end. EARLY panes are ignored (partial counts); a LATE
 pane updates the window's values for later baselines but is not judged again.
 Windows are judged in order of their start, also when a drained backlog fires
 many at once (one timer at the oldest unjudged window; when it fires, every
-window that ended by then is judged, oldest first).
+window that ended by then is judged, oldest first). A window is judged only
+once its ON_TIME pane is here: on Prism the timer can fire while that pane is
+still on its way (seen: a window judged on half its dead letters and no
+counts), so the book waits for it (or for WAIT_FOR_PANE_WINDOWS later panes:
+a window without one had no valid event).
 
 Dead letters are counted in the minute of their source record's Kafka
 timestamp (producers set it to the event time; ``DeadLetter.record_time_ms``),
@@ -60,12 +65,20 @@ Observation = typehints.KV[str, typehints.Any]
 
 
 class _Book(NamedTuple):
-    """A rule book's state: values per window start, the newest start judged, the timer set, and
-    whether the windows before the first judged one were read from Postgres."""
+    """A rule book's state: values per window start, the newest start judged, how far the timer
+    has fired, the timer set, and whether the windows before the first judged one were read from
+    Postgres."""
     windows: dict
     judged_through: int
+    fired_through: int
     timer_at: Optional[int]
     loaded: bool
+
+
+# A window whose ON_TIME pane has not come is judged anyway (as it is) once this many later
+# windows have theirs: it had no valid events at all (or its pane is lost), and must not hold
+# the later ones back for ever.
+WAIT_FOR_PANE_WINDOWS = 3
 
 
 class ConceptAccuracyBook:
@@ -165,21 +178,25 @@ class JudgeWindowsFn(beam.DoFn):
 
     def process(self, element, state=beam.DoFn.StateParam(BOOK), timer=beam.DoFn.TimerParam(JUDGE)):
         _, (what, start, payload) = element
-        book = state.read() or _Book({}, -1, None, False)
+        book = state.read() or _Book({}, -1, -1, None, False)
         values = book.windows.setdefault(start, {})
         if what == "pane":
             for name, entities in payload.items():  # a LATE pane carries only the rows it changed
                 values.setdefault(name, {}).update(entities)
+            values["complete"] = True
         else:
             dead = values.setdefault("dead", {})
             dead[payload] = dead.get(payload, 0) + 1
         if start <= book.judged_through:
             self.late.inc()
-        else:
-            end = start + self.book.window_s * 1000
-            if book.timer_at is None or end < book.timer_at:
-                timer.set(Timestamp(micros=end * 1000))
-                book = book._replace(timer_at=end)
+            state.write(book)
+            return
+        book, signals = self._judge_ready(book)  # a pane the timer was waiting for
+        yield from signals
+        end = start + self.book.window_s * 1000
+        if start > book.judged_through and end > book.fired_through and (book.timer_at is None or end < book.timer_at):
+            timer.set(Timestamp(micros=end * 1000))
+            book = book._replace(timer_at=end)
         state.write(book)
 
     @on_timer(JUDGE)
@@ -188,27 +205,40 @@ class JudgeWindowsFn(beam.DoFn):
         book = state.read()
         if book is None:
             return
-        now_ms = fired.micros // 1000
+        book = book._replace(fired_through=max(book.fired_through, fired.micros // 1000), timer_at=None)
+        book, signals = self._judge_ready(book)
+        yield from signals
         size = self.book.window_s * 1000
-        due = sorted(s for s in book.windows if s > book.judged_through and s + size <= now_ms)
-        if due and not book.loaded:
-            self._load_before(due[0], book.windows)
-            book = book._replace(loaded=True)
+        keep_from = book.judged_through - size * (self.book.baseline_windows + 1)
+        windows = {s: v for s, v in book.windows.items() if s >= keep_from}
+        later = [s + size for s in windows if s > book.judged_through and s + size > book.fired_through]
+        next_at = min(later) if later else None
+        if next_at is not None:
+            timer.set(Timestamp(micros=next_at * 1000))
+        state.write(book._replace(windows=windows, timer_at=next_at))
+
+    def _judge_ready(self, book: _Book) -> tuple[_Book, list]:
+        """Judges, oldest first, the windows that ended by the timer's time and whose ON_TIME pane
+        is here; stops at the first whose pane is still on its way (see WAIT_FOR_PANE_WINDOWS)."""
+        size = self.book.window_s * 1000
+        due = sorted(s for s in book.windows if book.judged_through < s and s + size <= book.fired_through)
+        out: list = []
         for start in due:
+            if not book.windows[start].get("complete"):
+                later = sum(1 for s, v in book.windows.items() if s > start and v.get("complete"))
+                if later < WAIT_FOR_PANE_WINDOWS:
+                    break
+            if not book.loaded:
+                self._load_before(start, book.windows)
+                book = book._replace(loaded=True)
             trailing = [book.windows[s] for s in range(start - size * self.book.baseline_windows, start, size)
                         if s in book.windows]
             signals = self.book.judge(start, book.windows[start], trailing)
             self.judged.inc()
             self.signals.inc(len(signals))
-            yield from signals
+            out.extend(signals)
             book = book._replace(judged_through=start)
-        keep_from = book.judged_through - size * (self.book.baseline_windows + 1)
-        windows = {s: v for s, v in book.windows.items() if s >= keep_from}
-        pending = [s + size for s in windows if s > book.judged_through]
-        next_at = min(pending) if pending else None
-        if next_at is not None:
-            timer.set(Timestamp(micros=next_at * 1000))
-        state.write(book._replace(windows=windows, timer_at=next_at))
+        return book, out
 
     def _load_before(self, first: int, windows: dict) -> None:
         """The trailing windows before the first judged one, from window_metrics (what an earlier
@@ -257,7 +287,8 @@ def _dead_letter_observation(dl: DeadLetter, window_s: int) -> Iterable:
 
 
 class EvaluateAlertRules(beam.PTransform):
-    """{window label: PCollection of WindowAggregate} (WindowedResult.panes) -> AlertSignals.
+    """{window label: PCollection of WindowAggregate} (WindowedResult.panes) -> {rule book name:
+    PCollection of AlertSignal}.
 
     ``dead_letters``: {name: PCollection of DeadLetter}, every step's dead letters (for the
     dead-letter rate). ``topics``: the event topics read (each gets a dead_letter_rate signal).
@@ -272,8 +303,11 @@ class EvaluateAlertRules(beam.PTransform):
         self.topics, self.dsn, self.retry = list(topics), postgres_dsn, retry
         self.dead_letters = dict(dead_letters or {})
 
-    def expand(self, panes: Mapping[str, PCollection]) -> PCollection:
-        outputs = []
+    def expand(self, panes: Mapping[str, PCollection]) -> dict:
+        """{rule book name: PCollection of AlertSignal}. Kept apart, not flattened: a publisher
+        applied to each fuses with its book's stateful step, so one entity's signals reach it in
+        window order (through a Flatten, Prism ran a later window's bundle first)."""
+        outputs = {}
         for book in (ConceptAccuracyBook(), RateBook(self.topics)):
             label, name = window_label(book.window_s), type(book).__name__
             if label not in panes:
@@ -285,7 +319,5 @@ class EvaluateAlertRules(beam.PTransform):
                     _dead_letter_observation, book.window_s).with_output_types(Observation)
                     for key, letters in self.dead_letters.items()]
             observations = (tuple(inputs) | f"All{name}" >> beam.Flatten()) if len(inputs) > 1 else inputs[0]
-            outputs.append(observations | f"Judge{name}" >> beam.ParDo(JudgeWindowsFn(book, self.dsn, self.retry)))
-        if not outputs:
-            return panes[next(iter(panes))].pipeline | "NoRules" >> beam.Create([])
-        return tuple(outputs) | "Signals" >> beam.Flatten()
+            outputs[name] = observations | f"Judge{name}" >> beam.ParDo(JudgeWindowsFn(book, self.dsn, self.retry))
+        return outputs

@@ -16,7 +16,9 @@ Then, at the end of the bundle, each new alert is produced (Avro, subject
 Redis list ``RECENT_ALERTS_KEY`` (newest first, trimmed to
 ``RECENT_ALERTS_KEPT``; a push skips an id the list holds already), and only
 then its row is marked ``published``. A crash in between leaves rows
-unpublished; every worker publishes those again when it starts. So the alerts
+unpublished; a worker publishes those again when it starts, and every
+STUCK_AFTER_S (rows older than that: a younger one may be another worker's,
+still on its way). So the alerts
 topic is at-least-once with a stable id (a consumer de-duplicates on
 ``alert_id``); Postgres and the Redis list hold each alert once.
 
@@ -67,6 +69,10 @@ redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 return 1
 """
+
+
+# An unpublished alert row older than this was left by a crash (or a long outage): published again.
+STUCK_AFTER_S = 60
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,11 @@ class AlertStore:
                         (record["alert_id"], open_episode.alert_id))
             return RESOLVE, record
 
-    def unpublished(self) -> list[dict]:
+    def unpublished(self, older_than_s: float = STUCK_AFTER_S) -> list[dict]:
         with self.conn, self.conn.cursor() as cur:
-            cur.execute(f"SELECT {_SELECT} FROM alerts WHERE NOT published ORDER BY created_at, status")
+            cur.execute(f"SELECT {_SELECT} FROM alerts WHERE NOT published "
+                        "AND created_at < now() - %s * interval '1 second' ORDER BY created_at, status",
+                        (older_than_s,))
             return [dict(zip(_COLUMNS, row)) for row in cur.fetchall()]
 
     def mark_published(self, ids: list[str]) -> None:
@@ -176,10 +184,15 @@ class PublishAlertsFn(beam.DoFn):
         self.kafka = CircuitBreaker(f"PublishAlerts({self.t.topic})", self.retry, probe=self._probe_kafka,
                                     transient=(BrokerUnavailable,))
         self.errors: list = []
-        # Alerts a run decided but did not publish (it died in between): published again now.
+        self.swept_at = 0.0
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Publishes again the alerts recorded but not published (a run died in between)."""
+        self.swept_at = time.monotonic()
         left = self._store_call(lambda store: store.unpublished())
         if left:
-            LOG.warning("publishing %d alerts again that an earlier run recorded but did not publish", len(left))
+            LOG.warning("publishing %d alerts again that were recorded but not published", len(left))
             self._publish(left)
             self.republished.inc(len(left))
 
@@ -225,6 +238,8 @@ class PublishAlertsFn(beam.DoFn):
                 self._ignore(outcome)
         if new:
             self._publish(new)
+        if time.monotonic() - self.swept_at > STUCK_AFTER_S:
+            self._sweep()
         self.counters.report(self.pg)
         self.counters.report(self.kafka)
         self.counters.report(self.redis_breaker)
