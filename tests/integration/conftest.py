@@ -7,9 +7,11 @@ Redis database, so tests neither see nor disturb each other or a demo.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -96,8 +98,27 @@ def services():
 
 
 # Redis has 16 databases; 0 is the demo's. A test's database is flushed and
-# handed back when it ends.
+# handed back when it ends. Claimed with a lock file, so that test runs in
+# other processes (helpers, a second pytest) never get the same database: each
+# flushes its database at its start and end.
 _free_redis_dbs = list(range(1, 16))
+_REDIS_LOCKS = os.path.join(tempfile.gettempdir(), "analytics-test-redis-db-{db}.lock")
+
+
+def _claim_redis_db() -> tuple[int, object]:
+    """A database of the pool that no other process holds, and its lock (kept open)."""
+    for _ in range(600):
+        for db in sorted(_free_redis_dbs, reverse=True):  # the highest first: runs of an older conftest take from 1 up
+            f = open(_REDIS_LOCKS.format(db=db), "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            _free_redis_dbs.remove(db)
+            return db, f
+        time.sleep(0.5)
+    raise RuntimeError("no free Redis database for the test (all 15 held by other test processes)")
 
 
 @contextlib.contextmanager
@@ -121,7 +142,7 @@ def isolated_stack(*, brokers: str = BROKERS, pg_base: str = PG_BASE, redis_base
     schema = schema or f"it_{suffix}"
     with psycopg2.connect(pg_base) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE SCHEMA {schema}")
-    db = _free_redis_dbs.pop(0) if redis_db is None else redis_db
+    db, lock = _claim_redis_db() if redis_db is None else (redis_db, None)
     redis_url = f"{redis_base}/{db}"
     redis.Redis.from_url(redis_url).flushdb()
     time.sleep(1)  # let topic metadata settle before producers and consumers use it
@@ -133,6 +154,7 @@ def isolated_stack(*, brokers: str = BROKERS, pg_base: str = PG_BASE, redis_base
         _remove(admin, list(topics.values()), pg_base, schema, redis_url, problems)
         if redis_db is None:
             _free_redis_dbs.append(db)
+            lock.close()  # releases the flock
 
 
 def _remove(admin: AdminClient, topics: list[str], pg_base: str, schema: str, redis_url: str,
