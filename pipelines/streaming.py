@@ -116,7 +116,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     # signal stream gets its own publisher (no Flatten), fused with the step that judged it, so
     # that an entity's signals arrive in window order; Postgres decides, whichever publisher asks.
     signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
-        opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters)
+        opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters,
+        letters_dsn=opts.postgres_dsn)
     profile_signals = None  # hook: the profiles' fast_answers AlertSignals (transforms/profiles)
     if profile_signals is not None:
         signals["Profiles"] = profile_signals

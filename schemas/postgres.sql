@@ -115,3 +115,17 @@ CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open_episode ON alerts (kind, entit
     WHERE status = 'RAISED' AND resolved_by IS NULL;
 CREATE INDEX IF NOT EXISTS alerts_by_entity ON alerts (kind, entity_id, window_start DESC);
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE NOT published;
+
+-- Every dead letter's source record and its time, for the dead_letter_rate rule
+-- (transforms/alerts/evaluate.py): written before the reader's offsets are committed,
+-- so a restart counts the dead letters of a minute the earlier run read. Rows are
+-- deleted a day after they were written.
+CREATE TABLE IF NOT EXISTS alert_dead_letters (
+    source_topic     text        NOT NULL,
+    source_partition integer     NOT NULL,
+    source_offset    bigint      NOT NULL,
+    record_time      timestamptz NOT NULL,  -- the source record's Kafka timestamp (its event time)
+    written_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_topic, source_partition, source_offset)
+);
+CREATE INDEX IF NOT EXISTS alert_dead_letters_by_time ON alert_dead_letters (record_time);

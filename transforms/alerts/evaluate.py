@@ -27,17 +27,17 @@ a window without one had no valid event).
 
 Dead letters are counted in the minute of their source record's Kafka
 timestamp (producers set it to the event time; ``DeadLetter.record_time_ms``),
-so the count is the same on every run; the records of a topic in a minute are
+so the count is the same on every run; each is recorded in Postgres
+``alert_dead_letters`` before the reader commits its offset (RecordDeadLettersFn
+is fused with the step that made it), and a minute is judged on what that
+table holds, so a restart counts what an earlier run read; the records of a topic in a minute are
 its valid events (the overall row's counters, each an event type whose
 registry topic is the topic) plus its dead letters.
 
 Restarts: Prism keeps no state, so the first window a book judges after a
 start has no trailing windows in state; the book then reads them once from
 Postgres ``window_metrics`` (what the sinks wrote, exact across restarts), so
-a baseline survives a restart. Dead-letter counts are not stored there: a
-minute cut by a restart counts only the dead letters read after it (never
-more), so a restart can delay a dead_letter_rate alert, never duplicate one
-(duplicates are the publisher's to refuse anyway).
+a baseline survives a restart.
 """
 from __future__ import annotations
 
@@ -164,8 +164,10 @@ class JudgeWindowsFn(beam.DoFn):
     BOOK = ReadModifyWriteStateSpec("book", PickleCoder())
     JUDGE = TimerSpec("judge", TimeDomain.WATERMARK)
 
-    def __init__(self, book, postgres_dsn: Optional[str], retry: Optional[SinkRetryConfig] = None):
+    def __init__(self, book, postgres_dsn: Optional[str], retry: Optional[SinkRetryConfig] = None,
+                 letters_dsn: Optional[str] = None):
         self.book, self.dsn, self.retry = book, postgres_dsn, retry or SinkRetryConfig()
+        self.letters_dsn = letters_dsn
         name = type(book).__name__
         self.judged = Metrics.counter("AlertRules", f"{name}.windows_judged")
         self.signals = Metrics.counter("AlertRules", f"{name}.signals")
@@ -175,6 +177,23 @@ class JudgeWindowsFn(beam.DoFn):
     def setup(self):
         from transforms.sinks.postgres_sink import postgres_breaker
         self.breaker = postgres_breaker("AlertBaselines", self.dsn, self.retry) if self.dsn else None
+        self.letters_breaker = (postgres_breaker("AlertDeadLetters", self.letters_dsn, self.retry)
+                                if self.letters_dsn else None)
+
+    def _recorded_dead_letters(self, start: int) -> dict:
+        """{topic: dead letters} of the minute from ``start``, as recorded in alert_dead_letters
+        (by this run and any earlier one)."""
+        def read() -> dict:
+            conn = psycopg2.connect(self.letters_dsn, connect_timeout=max(2, round(self.retry.probe_timeout_s)))
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT source_topic, count(*) FROM alert_dead_letters WHERE record_time >= "
+                                "to_timestamp(%s / 1000.0) AND record_time < to_timestamp(%s / 1000.0) GROUP BY 1",
+                                (start, start + self.book.window_s * 1000))
+                    return dict(cur.fetchall())
+            finally:
+                conn.close()
+        return self.letters_breaker.call(read)
 
     def process(self, element, state=beam.DoFn.StateParam(BOOK), timer=beam.DoFn.TimerParam(JUDGE)):
         _, (what, start, payload) = element
@@ -233,7 +252,10 @@ class JudgeWindowsFn(beam.DoFn):
                 book = book._replace(loaded=True)
             trailing = [book.windows[s] for s in range(start - size * self.book.baseline_windows, start, size)
                         if s in book.windows]
-            signals = self.book.judge(start, book.windows[start], trailing)
+            values = book.windows[start]
+            if isinstance(self.book, RateBook) and self.letters_breaker is not None:
+                values = dict(values, dead=self._recorded_dead_letters(start))
+            signals = self.book.judge(start, values, trailing)
             self.judged.inc()
             self.signals.inc(len(signals))
             out.extend(signals)
@@ -286,6 +308,69 @@ def _dead_letter_observation(dl: DeadLetter, window_s: int) -> Iterable:
     yield RateBook.__name__, ("dead", dl.record_time_ms - dl.record_time_ms % ms, dl.source_topic)
 
 
+# Rows of alert_dead_letters older than this (by when they were written) are deleted.
+DEAD_LETTER_ROWS_KEPT_S = 86400
+
+
+class RecordDeadLettersFn(beam.DoFn):
+    """Input: DeadLetters. Records each source record and its time in ``alert_dead_letters``
+    (idempotent, keyed by the source coordinates) before the bundle finishes, so before the
+    reader it is fused with commits their offsets: a restart's dead-letter rate counts what an
+    earlier run read. Output: the RateBook's observation of each (``_dead_letter_observation``)."""
+
+    def __init__(self, postgres_dsn: str, window_s: int, retry: Optional[SinkRetryConfig] = None):
+        self.dsn, self.window_s, self.retry = postgres_dsn, window_s, retry or SinkRetryConfig()
+        self.recorded = Metrics.counter("AlertRules", "dead_letters_recorded")
+
+    def setup(self):
+        from transforms.sinks.postgres_sink import apply_schema, postgres_breaker
+        self.breaker = postgres_breaker("RecordDeadLetters", self.dsn, self.retry)
+        self.breaker.call(lambda: apply_schema(self.dsn))
+        self.conn = None
+        self.pruned_at = 0.0
+
+    def teardown(self):
+        if self.conn is not None:
+            self.conn.close()
+
+    def start_bundle(self):
+        self.rows: list = []
+
+    def process(self, dl: DeadLetter):
+        if dl.record_time_ms is not None:
+            self.rows.append((dl.source_topic, dl.source_partition, dl.source_offset, dl.record_time_ms / 1000.0))
+        yield from _dead_letter_observation(dl, self.window_s)
+
+    def finish_bundle(self):
+        if not self.rows:
+            return
+        import time
+        from psycopg2.extras import execute_values
+        rows, self.rows = self.rows, []
+        prune = time.monotonic() - self.pruned_at > 3600
+
+        def write():
+            if self.conn is None:
+                self.conn = psycopg2.connect(self.dsn, connect_timeout=max(2, round(self.retry.probe_timeout_s)))
+            with self.conn, self.conn.cursor() as cur:
+                execute_values(cur, "INSERT INTO alert_dead_letters (source_topic, source_partition, source_offset, "
+                                    "record_time) VALUES %s ON CONFLICT DO NOTHING", rows,
+                               template="(%s, %s, %s, to_timestamp(%s))")
+                if prune:
+                    cur.execute("DELETE FROM alert_dead_letters WHERE written_at < now() - %s * interval '1 second'",
+                                (DEAD_LETTER_ROWS_KEPT_S,))
+
+        def reset():
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.close()
+
+        self.breaker.call(write, reset=reset)
+        if prune:
+            self.pruned_at = time.monotonic()
+        self.recorded.inc(len(rows))
+
+
 class EvaluateAlertRules(beam.PTransform):
     """{window label: PCollection of WindowAggregate} (WindowedResult.panes) -> {rule book name:
     PCollection of AlertSignal}.
@@ -293,14 +378,16 @@ class EvaluateAlertRules(beam.PTransform):
     ``dead_letters``: {name: PCollection of DeadLetter}, every step's dead letters (for the
     dead-letter rate). ``topics``: the event topics read (each gets a dead_letter_rate signal).
     ``postgres_dsn``: where the sinks' window_metrics are, to rebuild baselines after a restart
-    (None: baselines start empty). Window sizes other than 1m and 5m are not judged; without a
+    (None: baselines start empty). ``letters_dsn``: the Postgres that records dead letters for
+    the dead-letter rate (``alert_dead_letters``), so the rate is exact across restarts (None:
+    counted in state only). Window sizes other than 1m and 5m are not judged; without a
     1m or 5m window size, its rules are off.
     """
 
     def __init__(self, topics: list[str], postgres_dsn: Optional[str], retry: Optional[SinkRetryConfig] = None,
-                 dead_letters: Optional[Mapping[str, PCollection]] = None):
+                 dead_letters: Optional[Mapping[str, PCollection]] = None, letters_dsn: Optional[str] = None):
         super().__init__()
-        self.topics, self.dsn, self.retry = list(topics), postgres_dsn, retry
+        self.topics, self.dsn, self.retry, self.letters_dsn = list(topics), postgres_dsn, retry, letters_dsn
         self.dead_letters = dict(dead_letters or {})
 
     def expand(self, panes: Mapping[str, PCollection]) -> dict:
@@ -315,9 +402,11 @@ class EvaluateAlertRules(beam.PTransform):
             inputs = [panes[label] | f"Observe{name}" >> beam.FlatMap(_pane_observation, book)
                       .with_output_types(Observation)]
             if isinstance(book, RateBook):
-                inputs += [letters | f"CountDeadLetters{key or 'Decode'}" >> beam.FlatMap(
-                    _dead_letter_observation, book.window_s).with_output_types(Observation)
-                    for key, letters in self.dead_letters.items()]
+                inputs += [letters | f"CountDeadLetters{key or 'Decode'}" >> (
+                    beam.ParDo(RecordDeadLettersFn(self.letters_dsn, book.window_s, self.retry))
+                    if self.letters_dsn else beam.FlatMap(_dead_letter_observation, book.window_s)
+                ).with_output_types(Observation) for key, letters in self.dead_letters.items()]
             observations = (tuple(inputs) | f"All{name}" >> beam.Flatten()) if len(inputs) > 1 else inputs[0]
-            outputs[name] = observations | f"Judge{name}" >> beam.ParDo(JudgeWindowsFn(book, self.dsn, self.retry))
+            outputs[name] = observations | f"Judge{name}" >> beam.ParDo(
+                JudgeWindowsFn(book, self.dsn, self.retry, self.letters_dsn))
         return outputs
