@@ -121,7 +121,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     profile_signals = None  # hook: the profiles' fast_answers AlertSignals (transforms/profiles)
     if profile_signals is not None:
         signals["Profiles"] = profile_signals
-    targets = AlertTargets(opts.brokers, opts.postgres_dsn, opts.redis_url, opts.alerts_topic, retry)
+    targets = AlertTargets(opts.brokers, opts.postgres_dsn,
+                           opts.redis_url if "redis" in opts.sink_set() else None, opts.alerts_topic, retry)
     for name, stream in signals.items():
         stream | f"Alerts{name}" >> PublishAlerts(targets)
 

@@ -89,8 +89,8 @@ CREATE TABLE IF NOT EXISTS dead_letter_recoveries (
 -- open while resolved_by is NULL, and the partial unique index allows one open
 -- episode per (kind, entity): INSERT ... ON CONFLICT DO NOTHING RETURNING tells
 -- the worker whether it raised the alert. 'published' is set once the record is
--- on the alerts topic and in the Redis list; rows left unpublished (a crash in
--- between) are published again when the job starts.
+-- on the alerts topic and in the Redis list; rows left unpublished by a publisher
+-- that is gone (a crash in between; its owner lock is free) are published again.
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id       uuid        PRIMARY KEY,
     episode_id     uuid        NOT NULL,
@@ -108,6 +108,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     message        text        NOT NULL,
     created_at     timestamptz NOT NULL,
     resolved_by    uuid,        -- on a RAISED row: the RESOLVED alert that closed the episode
+    owner          text        NOT NULL,  -- the publisher that recorded it (holds an advisory lock while alive)
     published      boolean     NOT NULL DEFAULT false,
     published_at   timestamptz
 );

@@ -169,3 +169,57 @@ def test_injections_change_only_their_window_and_entity_and_the_stream_stays_det
     untouched = {r.value for r in clean if not any(
         inside(r.timestamp_ms, s, d) for s, d in ((600, 300), (1200, 120), (1800, 60), (2400, 120)))}
     assert untouched <= {r.value for r in injected}
+
+
+# ---- the rule books on a stream: order, EARLY panes, dead letters (DirectRunner and Prism)
+import apache_beam as beam  # noqa: E402
+from apache_beam.testing.test_stream import TestStream  # noqa: E402
+from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
+from apache_beam.transforms.window import TimestampedValue  # noqa: E402
+
+from tests.test_aggregate import streaming_pipeline  # noqa: E402,F401  (the fixture)
+from transforms.aggregate import MetricRow, WindowAggregate  # noqa: E402
+from transforms.records import DeadLetter  # noqa: E402
+
+
+def minute_pane(i: int, answers: float, timing: str = "ON_TIME") -> TimestampedValue:
+    start = T0 + i * MIN
+    metrics = dict.fromkeys(rules.EVENT_TYPE_OF_COUNTER, 0.0)
+    metrics["answers"] = answers
+    agg = WindowAggregate(60, start, start + MIN, timing, 0, [MetricRow("overall", "all", metrics)])
+    return TimestampedValue(agg, (start + MIN) / 1000 - 1e-6)
+
+
+def letter(i: int, n: int) -> TimestampedValue:
+    return TimestampedValue(DeadLetter("learning.events.v1", 0, n, "BAD_FRAMING", "m", b"", None, None, 0, 0,
+                                       T0 + i * MIN + 1000), (T0 + i * MIN) / 1000)
+
+
+def test_the_rate_book_judges_windows_in_order_on_their_on_time_panes(streaming_pipeline):  # noqa: F811
+    answers = [100.0] * 15 + [0.0, 100.0]
+    stream = (TestStream().advance_watermark_to(T0 / 1000)
+              .add_elements([letter(3, n) for n in range(60)])
+              .add_elements([minute_pane(16, 10_000.0, "EARLY")])          # partial: never judged
+              .add_elements([minute_pane(i, a) for i, a in reversed(list(enumerate(answers)))])
+              .advance_watermark_to((T0 + 18 * MIN) / 1000)
+              .advance_watermark_to_infinity())
+    with streaming_pipeline() as p:
+        letters = p | "Letters" >> beam.Create([])  # the dead letters come with the panes here
+        panes = p | stream
+        dead = panes | beam.Filter(lambda x: isinstance(x, DeadLetter))
+        minutes = panes | beam.Filter(lambda x: isinstance(x, WindowAggregate))
+        signals = {"1m": minutes} | rules_transform({"": dead, "None": letters})
+        assert_that(signals["RateBook"] | beam.Filter(lambda s: s.entity_id == "question_answered")
+                    | beam.Map(lambda s: (s.kind, (s.window_start_ms - T0) // MIN, s.in_range)),
+                    equal_to([(k, i, i != 15 or k == "event_rate_spike")
+                              for i in range(10, 17) for k in ("event_rate_spike", "event_rate_drop")]),
+                    label="Rates")
+        assert_that(signals["RateBook"] | beam.Filter(lambda s: s.kind == "dead_letter_rate")
+                    | beam.Map(lambda s: ((s.window_start_ms - T0) // MIN, s.in_range)),
+                    equal_to([(i, i != 3) for i in range(17) if i != 15]),  # 15: no records at all
+                    label="DeadLetters")
+
+
+def rules_transform(letters):
+    from transforms.alerts.evaluate import EvaluateAlertRules
+    return EvaluateAlertRules(["learning.events.v1"], None, dead_letters=letters)

@@ -16,9 +16,10 @@ Then, at the end of the bundle, each new alert is produced (Avro, subject
 Redis list ``RECENT_ALERTS_KEY`` (newest first, trimmed to
 ``RECENT_ALERTS_KEPT``; a push skips an id the list holds already), and only
 then its row is marked ``published``. A crash in between leaves rows
-unpublished; a worker publishes those again when it starts, and every
-STUCK_AFTER_S (rows older than that: a younger one may be another worker's,
-still on its way). So the alerts
+unpublished. Each publisher records its rows under an owner name whose
+session advisory lock it holds while it lives; when a publisher starts, and
+every SWEEP_EVERY_S, it publishes again the unpublished rows whose owner's
+lock is free (a publisher that is gone; a live one's rows are on their way). So the alerts
 topic is at-least-once with a stable id (a consumer de-duplicates on
 ``alert_id``); Postgres and the Redis list hold each alert once.
 
@@ -31,7 +32,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,7 +45,7 @@ from apache_beam.metrics import Metrics
 from confluent_kafka import KafkaException, Producer
 
 from schemas import default_registry
-from schemas.postgres import ALERT_LOCK
+from schemas.postgres import ALERT_LOCK, ALERT_OWNER_LOCK
 from schemas.serving import RECENT_ALERTS_KEPT, RECENT_ALERTS_KEY
 from schemas.topics import ALERTS_TOPIC
 from schemas.wire import encode_avro, plain_parsed, produce_waiting
@@ -53,11 +57,12 @@ LOG = logging.getLogger(__name__)
 
 _COLUMNS = ("alert_id", "episode_id", "status", "kind", "severity", "entity_type", "entity_id", "window_seconds",
             "window_start", "window_end", "observed", "expected_low", "expected_high", "message", "created_at")
+_INSERTED = _COLUMNS + ("owner",)
 _TIMES = ("window_start", "window_end", "created_at")
 _SELECT = ", ".join(f"(extract(epoch FROM {c}) * 1000)::bigint" if c in _TIMES else
                     (f"{c}::text" if c in ("alert_id", "episode_id") else c) for c in _COLUMNS)
-_INSERT = (f"INSERT INTO alerts ({', '.join(_COLUMNS)}) VALUES "
-           f"({', '.join('to_timestamp(%s / 1000.0)' if c in _TIMES else '%s' for c in _COLUMNS)}) "
+_INSERT = (f"INSERT INTO alerts ({', '.join(_INSERTED)}) VALUES "
+           f"({', '.join('to_timestamp(%s / 1000.0)' if c in _TIMES else '%s' for c in _INSERTED)}) "
            "ON CONFLICT DO NOTHING RETURNING alert_id")
 
 # LPUSH unless an entry of the list already holds this alert id; then LTRIM.
@@ -71,8 +76,8 @@ return 1
 """
 
 
-# An unpublished alert row older than this was left by a crash (or a long outage): published again.
-STUCK_AFTER_S = 60
+# How often a publisher looks for rows a gone publisher left unpublished (besides at its start).
+SWEEP_EVERY_S = 60
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class AlertTargets:
     """Where alerts go: the topic, Postgres (the authority) and Redis; and how writes ride out outages."""
     brokers: str
     postgres_dsn: str
-    redis_url: str
+    redis_url: Optional[str]      # None: no Redis list (a job run without the Redis sink)
     topic: str = ALERTS_TOPIC
     retry: Optional[SinkRetryConfig] = None
 
@@ -102,8 +107,8 @@ def alert_record(signal: AlertSignal, status: str, episode_id: str, created_at_m
 class AlertStore:
     """The ``alerts`` table: decides signals into alerts, lists and marks what is unpublished."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self, conn, owner: str = ""):
+        self.conn, self.owner = conn, owner
 
     def record(self, signal: AlertSignal) -> tuple[str, Optional[dict]]:
         """Decides ``signal`` in one transaction; (action or ignore reason, the new alert or None)."""
@@ -126,21 +131,29 @@ class AlertStore:
             now = int(time.time() * 1000)
             if decision.action == RAISE:
                 record = alert_record(signal, "RAISED", alert_id(signal, "RAISED"), now)
-                cur.execute(_INSERT, [record[c] for c in _COLUMNS])
+                cur.execute(_INSERT, [record[c] for c in _COLUMNS] + [self.owner])
                 return (RAISE, record) if cur.fetchone() else ("conflict", None)
             record = alert_record(signal, "RESOLVED", open_episode.alert_id, now)
-            cur.execute(_INSERT, [record[c] for c in _COLUMNS])
+            cur.execute(_INSERT, [record[c] for c in _COLUMNS] + [self.owner])
             if cur.fetchone() is None:
                 return "conflict", None
             cur.execute("UPDATE alerts SET resolved_by = %s WHERE alert_id = %s AND resolved_by IS NULL",
                         (record["alert_id"], open_episode.alert_id))
             return RESOLVE, record
 
-    def unpublished(self, older_than_s: float = STUCK_AFTER_S) -> list[dict]:
+    def unpublished(self) -> list[dict]:
+        """Unpublished rows of this owner (not in flight: a publisher publishes before it sweeps)
+        and of owners that are gone (their advisory lock is free)."""
         with self.conn, self.conn.cursor() as cur:
-            cur.execute(f"SELECT {_SELECT} FROM alerts WHERE NOT published "
-                        "AND created_at < now() - %s * interval '1 second' ORDER BY created_at, status",
-                        (older_than_s,))
+            cur.execute("SELECT DISTINCT owner FROM alerts WHERE NOT published AND owner <> %s", (self.owner,))
+            gone = [self.owner]
+            for (owner,) in cur.fetchall():
+                cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ALERT_OWNER_LOCK, owner))
+                if cur.fetchone()[0]:
+                    cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (ALERT_OWNER_LOCK, owner))
+                    gone.append(owner)
+            cur.execute(f"SELECT {_SELECT} FROM alerts WHERE NOT published AND owner = ANY(%s) "
+                        "ORDER BY created_at, status", (gone,))
             return [dict(zip(_COLUMNS, row)) for row in cur.fetchall()]
 
     def mark_published(self, ids: list[str]) -> None:
@@ -173,10 +186,12 @@ class PublishAlertsFn(beam.DoFn):
         self.conn = None
         self.pg = postgres_breaker("PublishAlerts", self.t.postgres_dsn, self.retry)
         self.pg.call(lambda: apply_schema(self.t.postgres_dsn))
-        self.redis = _client(self.t.redis_url, self.retry.probe_timeout_s, self.retry.write_timeout_s)
-        self.redis_breaker = CircuitBreaker("PublishAlerts(redis)", self.retry, probe=self.redis.ping,
-                                            transient=REDIS_TRANSIENT)
-        self.push_once = self.redis.register_script(_PUSH_ONCE)
+        self.redis_breaker = self.push_once = None
+        if self.t.redis_url:
+            self.redis = _client(self.t.redis_url, self.retry.probe_timeout_s, self.retry.write_timeout_s)
+            self.redis_breaker = CircuitBreaker("PublishAlerts(redis)", self.retry, probe=self.redis.ping,
+                                                transient=REDIS_TRANSIENT)
+            self.push_once = self.redis.register_script(_PUSH_ONCE)
         self.entry = default_registry().latest("alert")
         self.parsed = plain_parsed(self.entry)
         self.producer = Producer({"bootstrap.servers": self.t.brokers, "linger.ms": 5,
@@ -184,12 +199,26 @@ class PublishAlertsFn(beam.DoFn):
         self.kafka = CircuitBreaker(f"PublishAlerts({self.t.topic})", self.retry, probe=self._probe_kafka,
                                     transient=(BrokerUnavailable,))
         self.errors: list = []
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.owner_conn = None
         self.swept_at = 0.0
         self._sweep()
 
+    def _hold_owner_lock(self) -> None:
+        """The session advisory lock on our owner name: while it is held, no other publisher
+        takes our unpublished rows for a gone publisher's."""
+        if self.owner_conn is not None and not self.owner_conn.closed:
+            return
+        conn = self._pg_connect()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (ALERT_OWNER_LOCK, self.owner))
+        self.owner_conn = conn
+
     def _sweep(self) -> None:
-        """Publishes again the alerts recorded but not published (a run died in between)."""
+        """Publishes again the alerts recorded but not published (a publisher died in between)."""
         self.swept_at = time.monotonic()
+        self.pg.call(self._hold_owner_lock)
         left = self._store_call(lambda store: store.unpublished())
         if left:
             LOG.warning("publishing %d alerts again that were recorded but not published", len(left))
@@ -197,8 +226,9 @@ class PublishAlertsFn(beam.DoFn):
             self.republished.inc(len(left))
 
     def teardown(self):
-        if getattr(self, "conn", None) is not None:
-            self.conn.close()
+        for conn in (getattr(self, "conn", None), getattr(self, "owner_conn", None)):
+            if conn is not None:
+                conn.close()
 
     def _reset_pg(self):
         conn, self.conn = self.conn, None
@@ -209,7 +239,7 @@ class PublishAlertsFn(beam.DoFn):
         def call():
             if self.conn is None:
                 self.conn = self._pg_connect()
-            return what(AlertStore(self.conn))
+            return what(AlertStore(self.conn, self.owner))
         return self.pg.call(call, reset=self._reset_pg)
 
     def _probe_kafka(self):
@@ -238,7 +268,7 @@ class PublishAlertsFn(beam.DoFn):
                 self._ignore(outcome)
         if new:
             self._publish(new)
-        if time.monotonic() - self.swept_at > STUCK_AFTER_S:
+        if time.monotonic() - self.swept_at > SWEEP_EVERY_S:
             self._sweep()
         self.counters.report(self.pg)
         self.counters.report(self.kafka)
@@ -259,7 +289,7 @@ class PublishAlertsFn(beam.DoFn):
         if self.errors:
             errors, self.errors = self.errors, []
             raise KafkaException(f"{self.t.topic}: {len(errors)} alerts refused: {errors[:3]}")
-        for r in records:
+        for r in records if self.push_once is not None else ():
             text = json.dumps(r, separators=(",", ":"), sort_keys=True)
             self.redis_breaker.call(lambda: self.push_once(keys=[RECENT_ALERTS_KEY],
                                                            args=[text, r["alert_id"], RECENT_ALERTS_KEPT]))
