@@ -126,6 +126,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     for name, stream in signals.items():
         stream | f"Alerts{name}" >> PublishAlerts(targets)
 
+
 def run(argv: Optional[list[str]] = None) -> int:
     help_if_asked(argv, "python -m pipelines.streaming", __doc__.split("\n\n")[0], AnalyticsOptions, StreamingOptions,
                   ServiceOptions, LogOptions)

@@ -47,7 +47,8 @@ def test_rates_need_enough_trailing_minutes_and_a_minimum_baseline():
 
 def test_a_rate_far_above_or_below_its_baseline_is_anomalous():
     spike, drop = rules.event_rate_signals("question_answered", T0, 480, [96.0] * 15)
-    assert (spike.kind, spike.in_range, drop.kind, drop.in_range) == ("event_rate_spike", False, "event_rate_drop", True)
+    assert (spike.kind, spike.in_range) == ("event_rate_spike", False)
+    assert (drop.kind, drop.in_range) == ("event_rate_drop", True)
     spike, drop = rules.event_rate_signals("question_answered", T0, 10, [96.0] * 15)
     assert spike.in_range and not drop.in_range and drop.severity == "WARNING"
     spike, drop = rules.event_rate_signals("question_answered", T0, 120, [96.0] * 15)

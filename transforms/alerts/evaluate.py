@@ -179,21 +179,34 @@ class JudgeWindowsFn(beam.DoFn):
         self.breaker = postgres_breaker("AlertBaselines", self.dsn, self.retry) if self.dsn else None
         self.letters_breaker = (postgres_breaker("AlertDeadLetters", self.letters_dsn, self.retry)
                                 if self.letters_dsn else None)
+        self.letters_conn = None
 
     def _recorded_dead_letters(self, start: int) -> dict:
         """{topic: dead letters} of the minute from ``start``, as recorded in alert_dead_letters
         (by this run and any earlier one)."""
         def read() -> dict:
-            conn = psycopg2.connect(self.letters_dsn, connect_timeout=max(2, round(self.retry.probe_timeout_s)))
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT source_topic, count(*) FROM alert_dead_letters WHERE record_time >= "
-                                "to_timestamp(%s / 1000.0) AND record_time < to_timestamp(%s / 1000.0) GROUP BY 1",
-                                (start, start + self.book.window_s * 1000))
-                    return dict(cur.fetchall())
-            finally:
+            if self.letters_conn is None:
+                self.letters_conn = psycopg2.connect(
+                    self.letters_dsn, connect_timeout=max(2, round(self.retry.probe_timeout_s)))
+                self.letters_conn.autocommit = True
+            with self.letters_conn.cursor() as cur:
+                cur.execute("SELECT to_regclass('alert_dead_letters') IS NOT NULL")
+                if not cur.fetchone()[0]:  # no recorder has started yet: no dead letter either
+                    return {}
+                cur.execute("SELECT source_topic, count(*) FROM alert_dead_letters WHERE record_time >= "
+                            "to_timestamp(%s / 1000.0) AND record_time < to_timestamp(%s / 1000.0) GROUP BY 1",
+                            (start, start + self.book.window_s * 1000))
+                return dict(cur.fetchall())
+
+        def reset():
+            conn, self.letters_conn = self.letters_conn, None
+            if conn is not None:
                 conn.close()
-        return self.letters_breaker.call(read)
+        return self.letters_breaker.call(read, reset=reset)
+
+    def teardown(self):
+        if getattr(self, "letters_conn", None) is not None:
+            self.letters_conn.close()
 
     def process(self, element, state=beam.DoFn.StateParam(BOOK), timer=beam.DoFn.TimerParam(JUDGE)):
         _, (what, start, payload) = element

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import apache_beam as beam
-import psycopg2
 from apache_beam.metrics import Metrics
 from confluent_kafka import KafkaException, Producer
 
@@ -178,7 +177,6 @@ class PublishAlertsFn(beam.DoFn):
 
     # ---- connections and breakers
     def setup(self):
-        from transforms.sinks.postgres_sink import TRANSIENT as PG_TRANSIENT
         from transforms.sinks.postgres_sink import apply_schema, postgres_breaker, sink_connect
         from transforms.sinks.redis_sink import TRANSIENT as REDIS_TRANSIENT
         from transforms.sinks.redis_sink import _client
