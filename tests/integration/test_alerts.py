@@ -168,3 +168,62 @@ def test_a_sigkill_after_the_first_alert_then_a_restart_raises_each_episode_once
     assert Counter(map(key, in_redis(fresh_stack))) == Counter(want)
     # At least once on the topic (an alert recorded just before the kill may be there twice), same ids.
     assert set(map(key, on_topic(fresh_stack))) == want
+
+
+def test_a_rate_baseline_survives_a_restart(fresh_stack):
+    """Run 1 drains half an hour of traffic and stops; run 2 reads the next half hour, whose
+    first minute has no answers at all. Run 2 holds no state from run 1: the trailing 15
+    minutes it judges that minute against come from what run 1 left (window_metrics, or the
+    ledger's seeds). One outage episode, in the first minute of run 2's stream."""
+    end = stream_end()
+    half = 1800
+    first = TrafficConfig(events=6000, users=200, concepts=8, content_items=60, span_seconds=half,
+                          end_time_ms=end - half * 1000, malformed_fraction=0.02, seed=21)
+    fresh_stack.produce(first)
+    proc = fresh_stack.run_streaming(until_idle=5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert in_postgres(fresh_stack) == []
+    second = TrafficConfig(**{**first.__dict__, "end_time_ms": end, "seed": 22,
+                              "injections": (parse_injection("rate_drop:question_answered@0+60"),)})
+    fresh_stack.produce(second)
+    proc = fresh_stack.run_streaming(until_idle=5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = end - half * 1000
+    want = {("RAISED", "event_rate_drop", "question_answered", 60, start),
+            ("RESOLVED", "event_rate_drop", "question_answered", 60, start + 60_000)}
+    assert Counter(map(key, in_postgres(fresh_stack))) == Counter(want)
+    assert Counter(map(key, on_topic(fresh_stack))) == Counter(want)
+
+
+def test_a_rule_book_reads_the_trailing_windows_an_earlier_run_wrote(fresh_stack):
+    """What a started job's rule book does when the ledger's seeds do not cover its trailing
+    windows (they expired): it reads them from window_metrics, once, before its first judgement."""
+    from psycopg2.extras import Json
+
+    from transforms.alerts.evaluate import ConceptAccuracyBook, JudgeWindowsFn, RateBook
+    from transforms.sinks.postgres_sink import apply_schema
+    apply_schema(fresh_stack.dsn)
+    t = stream_end()
+    with psycopg2.connect(fresh_stack.dsn) as conn, conn.cursor() as cur:
+        for i in range(1, 20):
+            start = t - i * 60_000
+            cur.execute("INSERT INTO window_metrics VALUES (60, to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0), "
+                        "'overall', 'all', %s, 'ON_TIME', 0)", (start, start + 60_000, Json({"answers": 90.0 + i})))
+        for i in range(1, 14):
+            start = t - i * 300_000
+            cur.execute("INSERT INTO window_metrics VALUES (300, to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0), "
+                        "'concept', 'c1', %s, 'ON_TIME', 0)",
+                        (start, start + 300_000, Json({"answers": 50.0, "correct": 30.0})))
+    rates = JudgeWindowsFn(RateBook([]), fresh_stack.dsn)
+    rates.setup()
+    windows = {t - 60_000: {"counts": {"question_answered": 1.0}}}   # this run's own value wins
+    rates._load_before(t, windows)
+    assert sorted(windows) == [t - i * 60_000 for i in range(15, 0, -1)]
+    assert windows[t - 60_000] == {"counts": {"question_answered": 1.0}}
+    assert windows[t - 120_000]["counts"]["question_answered"] == 92.0
+    concepts = JudgeWindowsFn(ConceptAccuracyBook(), fresh_stack.dsn)
+    concepts.setup()
+    windows = {}
+    concepts._load_before(t, windows)
+    assert sorted(windows) == [t - i * 300_000 for i in range(12, 0, -1)]
+    assert windows[t - 300_000] == {"concepts": {"c1": [50.0, 30.0]}}
