@@ -227,3 +227,32 @@ def test_a_rule_book_reads_the_trailing_windows_an_earlier_run_wrote(fresh_stack
     concepts._load_before(t, windows)
     assert sorted(windows) == [t - i * 300_000 for i in range(12, 0, -1)]
     assert windows[t - 300_000] == {"concepts": {"c1": [50.0, 30.0]}}
+
+
+def test_profile_signals_become_episodes_too(fresh_stack):
+    """fast_answers comes from the behaviour profiles as AlertSignals; the publisher makes the
+    same episodes of them: one RAISED, the repeats ignored, one RESOLVED, and within the
+    cooldown no new episode."""
+    import apache_beam as beam
+
+    from transforms.alerts.episodes import COOLDOWN_S
+    from transforms.alerts.publish import AlertTargets, PublishAlerts
+    from transforms.alerts.signal import AlertSignal
+    t = stream_end()
+
+    def fast(i: int, in_range: bool) -> AlertSignal:
+        start = t + i * 60_000
+        return AlertSignal("fast_answers", "WARNING", "user", "user-00042", 60, start, start + 60_000,
+                           0.0 if in_range else 10.0, 0.0, 5.0, in_range, "10 answers in a row under 1 s")
+
+    signals = [fast(0, False), fast(1, False), fast(2, True), fast(3, True),
+               fast(2 + COOLDOWN_S // 60 - 1, False)]   # still cooling down
+    targets = AlertTargets(fresh_stack.brokers, fresh_stack.dsn, fresh_stack.redis_url,
+                           fresh_stack.topics["alerts"])
+    with beam.Pipeline() as p:
+        _ = p | beam.Create(signals) | PublishAlerts(targets)
+    want = {("RAISED", "fast_answers", "user-00042", 60, t),
+            ("RESOLVED", "fast_answers", "user-00042", 60, t + 120_000)}
+    assert Counter(map(key, in_postgres(fresh_stack))) == Counter(want)
+    assert Counter(map(key, on_topic(fresh_stack))) == Counter(want)
+    assert Counter(map(key, in_redis(fresh_stack))) == Counter(want)
