@@ -19,8 +19,11 @@ job's start (its options, redacted) and stop (exit code, reason) are INFO lines.
 Flow: ReadValidEvents (ReadEvents, one restriction per partition, then
 DecodeAndValidate) -> ArchiveRawEvents (Postgres), WindowedMetricsToSinks
 (1m/5m/1h/1d, early/on-time/late panes, to Redis, Postgres and the aggregates
-topic) and UpdateProfiles (learner profiles in Postgres and Redis, fast-answers
-signals); every step's dead letters -> PublishDeadLetterStreams. Run ``--help``
+topic), UpdateProfiles (learner profiles in Postgres and Redis, fast-answers
+signals); every step's dead letters -> PublishDeadLetterStreams; the 1m/5m panes,
+the dead letters and the profiles' signals -> EvaluateAlertRules -> PublishAlerts
+(one alert per anomaly episode, on --alerts_topic, in Postgres ``alerts`` and
+Redis). Run ``--help``
 for every option.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ from service.launcher import Stop, run_job
 from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
+from transforms.alerts.evaluate import EvaluateAlertRules
+from transforms.alerts.publish import AlertTargets, PublishAlerts
 from transforms.dead_letter_log import DEAD_LETTER_LOG
 from transforms.dead_letter_streams import DeadLetterTopic, PublishDeadLetterStreams
 from transforms.kafka_read import KafkaReadConfig
@@ -105,7 +110,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     refused = (decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
                if opts.archive == "true" else None)
     windowed = decoded.events | "Windows" >> WindowedMetricsToSinks(windows(opts, point), opts.aggregate_sinks())
-    # AlertSignals of the fast-answers rule; the alert publisher consumes them.
+    # AlertSignals of the fast-answers rule; published below with the other rules' signals.
     profile_signals = (decoded.events | "Profiles" >> UpdateProfiles(opts.postgres_dsn, opts.redis_url, opts.group_id,
                                                                     retry)
                        if opts.view_as(StreamingOptions).profiles == "true" else None)
@@ -117,6 +122,18 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
         letters["ArchiveErrors"] = refused
     letters | "DeadLetters" >> PublishDeadLetterStreams(
         DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
+    # Anomaly alerts: rules on the 1m/5m panes and the dead letters, one alert per episode. Each
+    # signal stream gets its own publisher (no Flatten), fused with the step that judged it, so
+    # that an entity's signals arrive in window order; Postgres decides, whichever publisher asks.
+    signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
+        opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters,
+        letters_dsn=opts.postgres_dsn)
+    if profile_signals is not None:
+        signals["Profiles"] = profile_signals
+    targets = AlertTargets(opts.brokers, opts.postgres_dsn,
+                           opts.redis_url if "redis" in opts.sink_set() else None, opts.alerts_topic, retry)
+    for name, stream in signals.items():
+        stream | f"Alerts{name}" >> PublishAlerts(targets)
 
 
 def run(argv: Optional[list[str]] = None) -> int:

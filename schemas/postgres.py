@@ -20,6 +20,8 @@ SCHEMA_LOCK = 4242      # pg_advisory_xact_lock(key) while the DDL runs
 PARTITION_LOCK = 4243   # pg_advisory_xact_lock(key) while a daily raw_events partition is created
 COMPACTION_LOCK = 4244  # pg_advisory_xact_lock(key, hashtext(group)): one ledger compaction per group
 LEASE_LOCK = 4245       # pg_try_advisory_lock(key, hashtext(group)): one run per group (transforms/lease.py)
+ALERT_OWNER_LOCK = 4247 # pg_advisory_lock(key, hashtext(owner)): held by a live alert publisher (transforms/alerts)
+ALERT_LOCK = 4246       # pg_advisory_xact_lock(key, hashtext(kind:entity)): one episode decision at a time (transforms/alerts)
 
 
 def connect(dsn: str):

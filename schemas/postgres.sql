@@ -104,3 +104,51 @@ CREATE TABLE IF NOT EXISTS profile_offsets (
     next_offset bigint  NOT NULL,
     PRIMARY KEY (group_id, topic, partition)
 );
+
+-- Anomaly alerts (transforms/alerts/publish.py): one row per RAISED and per RESOLVED
+-- record, the authority that makes alerts exactly-once across restarts. alert_id is
+-- deterministic (uuid5 of kind, entity, window start, status); a RAISED row is
+-- open while resolved_by is NULL, and the partial unique index allows one open
+-- episode per (kind, entity): INSERT ... ON CONFLICT DO NOTHING RETURNING tells
+-- the worker whether it raised the alert. 'published' is set once the record is
+-- on the alerts topic and in the Redis list; rows left unpublished by a publisher
+-- that is gone (a crash in between; its owner lock is free) are published again.
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id       uuid        PRIMARY KEY,
+    episode_id     uuid        NOT NULL,
+    status         text        NOT NULL CHECK (status IN ('RAISED', 'RESOLVED')),
+    kind           text        NOT NULL,
+    severity       text        NOT NULL,
+    entity_type    text        NOT NULL,
+    entity_id      text        NOT NULL,
+    window_seconds integer     NOT NULL,
+    window_start   timestamptz NOT NULL,
+    window_end     timestamptz NOT NULL,
+    observed       double precision NOT NULL,
+    expected_low   double precision NOT NULL,
+    expected_high  double precision NOT NULL,
+    message        text        NOT NULL,
+    created_at     timestamptz NOT NULL,
+    resolved_by    uuid,        -- on a RAISED row: the RESOLVED alert that closed the episode
+    owner          text        NOT NULL,  -- the publisher that recorded it (holds an advisory lock while alive)
+    published      boolean     NOT NULL DEFAULT false,
+    published_at   timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open_episode ON alerts (kind, entity_id)
+    WHERE status = 'RAISED' AND resolved_by IS NULL;
+CREATE INDEX IF NOT EXISTS alerts_by_entity ON alerts (kind, entity_id, window_start DESC);
+CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE NOT published;
+
+-- Every dead letter's source record and its time, for the dead_letter_rate rule
+-- (transforms/alerts/evaluate.py): written before the reader's offsets are committed,
+-- so a restart counts the dead letters of a minute the earlier run read. Rows are
+-- deleted a day after they were written.
+CREATE TABLE IF NOT EXISTS alert_dead_letters (
+    source_topic     text        NOT NULL,
+    source_partition integer     NOT NULL,
+    source_offset    bigint      NOT NULL,
+    record_time      timestamptz NOT NULL,  -- the source record's Kafka timestamp (its event time)
+    written_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_topic, source_partition, source_offset)
+);
+CREATE INDEX IF NOT EXISTS alert_dead_letters_by_time ON alert_dead_letters (record_time);

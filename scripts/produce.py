@@ -14,6 +14,18 @@ schema id, truncated Avro, broken JSON, missing field, bad enum, ratings off
 the scale, negative durations, timestamps missing or far in the future...);
 each carries the error code the pipeline must give it, so tests can count
 dead letters by code. Import :func:`generate` to get the same stream in memory.
+
+Anomalies can be injected at a chosen event time and entity, for the alert
+rules (transforms/alerts) and their tests; each ``--inject`` is
+``KIND:ENTITY@START_S[+DURATION_S]``, START_S counted from the stream's first
+event time:
+
+    python -m scripts.produce --events 24000 --span_seconds 7200 \
+        --inject accuracy_drop:concept-003@1800 --inject rate_spike:question_answered@3000+120 \
+        --inject dead_letters:learning.events.v1@4200 --inject fast_answers:user-00042@5400
+
+The injected records are drawn from a random generator of their own, so the
+rest of the stream is the same as without them (and the same for a seed).
 """
 from __future__ import annotations
 
@@ -23,12 +35,57 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Optional
 
 from schemas import default_registry
 from schemas.settings import setting
 from schemas.wire import encode_avro, encode_json, frame, plain_parsed, produce_waiting
+
+# Injectable anomalies: kind -> (what ENTITY names, default duration in seconds, what happens).
+INJECTIONS: dict[str, tuple[str, float, str]] = {
+    "accuracy_drop": ("a concept id", 300.0, "every answer on the concept is wrong"),
+    "rate_drop": ("an event type", 120.0, "the event type sends nothing"),
+    "rate_spike": ("an event type", 120.0, "the event type sends 5 times as many events"),
+    "dead_letters": ("a topic (its registry name)", 120.0, "half the topic's records are malformed"),
+    "fast_answers": ("a user id", 0.0, "10 answers in a row, each under 1 s, from START_S on"),
+}
+SPIKE_FACTOR = 5
+INJECTED_DEAD_LETTER_SHARE = 0.5
+FAST_ANSWERS_IN_A_ROW = 10
+FAST_ANSWER_SPACING_MS = 300      # between two injected fast answers (event time)
+FAST_ANSWER_MAX_MS = 900          # response times drawn from [200, this)
+
+
+class Injection(NamedTuple):
+    """One injected anomaly: ``kind`` (a key of INJECTIONS) on ``entity`` from ``start_s`` seconds
+    after the stream's first event time, for ``duration_s`` seconds."""
+    kind: str
+    entity: str
+    start_s: float
+    duration_s: float
+
+    def active(self, kind: str, entity: str, ts: int, stream_start_ms: int) -> bool:
+        begin = stream_start_ms + self.start_s * 1000
+        return self.kind == kind and self.entity == entity and begin <= ts < begin + self.duration_s * 1000
+
+
+def parse_injection(text: str) -> Injection:
+    """``KIND:ENTITY@START_S[+DURATION_S]`` -> Injection; ValueError naming what is wrong."""
+    try:
+        kind, rest = text.split(":", 1)
+        entity, when = rest.rsplit("@", 1)
+        start, _, duration = when.partition("+")
+        inj = Injection(kind, entity, float(start),
+                        float(duration) if duration else INJECTIONS[kind][1] if kind in INJECTIONS else 0.0)
+    except ValueError:
+        raise ValueError(f"--inject {text!r}: expected KIND:ENTITY@START_S[+DURATION_S]") from None
+    if inj.kind not in INJECTIONS:
+        raise ValueError(f"--inject {text!r}: unknown kind {inj.kind!r} (one of {', '.join(INJECTIONS)})")
+    if not inj.entity or inj.start_s < 0 or inj.duration_s < 0:
+        raise ValueError(f"--inject {text!r}: needs an entity, START_S >= 0 and DURATION_S >= 0")
+    return inj
+
 
 @dataclass
 class TrafficConfig:
@@ -42,6 +99,7 @@ class TrafficConfig:
     json_fraction: float = 0.1
     max_disorder_ms: int = 2000
     seed: int = 7
+    injections: tuple = field(default_factory=tuple)   # of Injection (parse_injection)
 
 
 class Produced(NamedTuple):
@@ -174,23 +232,85 @@ def generate(cfg: TrafficConfig) -> Iterator[Produced]:
     parsed = {s: plain_parsed(e) for s, e in entries.items()}
     traffic = _Traffic(cfg)
     rng = traffic.rng
+    injected = _Injector(cfg, traffic, entries, parsed)
     end = cfg.end_time_ms if cfg.end_time_ms is not None else int(time.time() * 1000)
     start = end - int(cfg.span_seconds * 1000)
+    injected.stream_start_ms = start
     step = (end - start) / max(1, cfg.events)
     for i in range(cfg.events):
         ts = int(start + i * step) - rng.randrange(0, cfg.max_disorder_ms + 1)
+        yield from injected.fast_answers(ts)
         event_type, fields = traffic.event(ts)
+        fields = injected.accuracy(event_type, fields, ts)
         entry = entries[event_type]
         avro = encode_avro(entry, fields, parsed[event_type])
         headers = [("correlation_id", fields["correlation_id"].encode())] if fields["correlation_id"] else []
         key = fields["user_id"].encode()
         if rng.random() < cfg.malformed_fraction:
             value, code = _corrupt(rng, event_type, fields, avro, ts)
-            yield Produced(entry.topic, key, value, ts, headers, event_type, None, code)
+            record = Produced(entry.topic, key, value, ts, headers, event_type, None, code)
         elif rng.random() < cfg.json_fraction:
-            yield Produced(entry.topic, key, encode_json(event_type, fields), ts, headers, event_type, fields, None)
+            record = Produced(entry.topic, key, encode_json(event_type, fields), ts, headers, event_type, fields, None)
         else:
-            yield Produced(entry.topic, key, avro, ts, headers, event_type, fields, None)
+            record = Produced(entry.topic, key, avro, ts, headers, event_type, fields, None)
+        yield from injected.apply(record, avro)
+
+
+class _Injector:
+    """Applies TrafficConfig.injections to the stream, drawing from a generator of its own."""
+
+    def __init__(self, cfg: TrafficConfig, traffic: _Traffic, entries: dict, parsed: dict):
+        self.injections = [i if isinstance(i, Injection) else parse_injection(i) for i in cfg.injections]
+        self.traffic, self.entries, self.parsed = traffic, entries, parsed
+        self.rng = random.Random(f"inject-{cfg.seed}")
+        self.stream_start_ms = 0
+        self.fast_done: set = set()
+
+    def _active(self, kind: str, entity: str, ts: int) -> bool:
+        return any(i.active(kind, entity, ts, self.stream_start_ms) for i in self.injections)
+
+    def accuracy(self, event_type: str, fields: dict, ts: int) -> dict:
+        if event_type == "question_answered" and self._active("accuracy_drop", fields["concept_id"], ts):
+            return dict(fields, correct=False)
+        return fields
+
+    def apply(self, r: Produced, avro: bytes) -> Iterator[Produced]:
+        if self._active("rate_drop", r.event_type, r.timestamp_ms):
+            return
+        if (r.error_code is None and self._active("dead_letters", r.topic, r.timestamp_ms)
+                and self.rng.random() < INJECTED_DEAD_LETTER_SHARE):
+            value, code = _corrupt(self.rng, r.event_type, r.fields, avro, r.timestamp_ms)
+            yield r._replace(value=value, fields=None, error_code=code)
+            return
+        yield r
+        if r.error_code is None and self._active("rate_spike", r.event_type, r.timestamp_ms):
+            for k in range(1, SPIKE_FACTOR):
+                fields = dict(r.fields, event_id=str(uuid.UUID(int=self.rng.getrandbits(128))))
+                yield self._record(r.event_type, fields, r.timestamp_ms)
+
+    def fast_answers(self, ts: int) -> Iterator[Produced]:
+        """At the first event time past a fast_answers injection's start: its answers, in a row."""
+        for inj in self.injections:
+            begin = self.stream_start_ms + int(inj.start_s * 1000)
+            if inj.kind != "fast_answers" or inj in self.fast_done or ts < begin:
+                continue
+            self.fast_done.add(inj)
+            session = f"sess-injected-{inj.entity}"
+            for k in range(FAST_ANSWERS_IN_A_ROW):
+                at = begin + k * FAST_ANSWER_SPACING_MS
+                fields = {"event_id": str(uuid.UUID(int=self.rng.getrandbits(128))), "occurred_at": at,
+                          "user_id": inj.entity, "correlation_id": None, "session_id": session,
+                          "question_id": f"q-{self.rng.randrange(2000)}",
+                          "concept_id": self.rng.choice(self.traffic.concepts), "correct": self.rng.random() < 0.5,
+                          "response_time_ms": self.rng.randrange(200, FAST_ANSWER_MAX_MS),
+                          "attempt": 1, "difficulty": "EASY"}
+                yield self._record("question_answered", fields, at)
+
+    def _record(self, event_type: str, fields: dict, ts: int) -> Produced:
+        entry = self.entries[event_type]
+        headers = [("correlation_id", fields["correlation_id"].encode())] if fields["correlation_id"] else []
+        return Produced(entry.topic, fields["user_id"].encode(), encode_avro(entry, fields, self.parsed[event_type]),
+                        ts, headers, event_type, fields, None)
 
 
 def produce(records: Iterator[Produced], brokers: str, rate: float = 0.0,
@@ -248,10 +368,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json_fraction", "--json-fraction", type=float, default=0.1,
                     help="share of valid events sent as JSON rather than Avro")
     ap.add_argument("--seed", type=int, default=7, help="random seed: the same seed sends the same stream")
+    kinds = "; ".join(f"{k}:<{what}> ({effect}; default duration {int(d)} s)"
+                      for k, (what, d, effect) in INJECTIONS.items())
+    ap.add_argument("--inject", action="append", default=[], metavar="KIND:ENTITY@START_S[+DURATION_S]",
+                    help=f"inject an anomaly START_S seconds after the stream's first event time; repeatable. "
+                         f"Kinds: {kinds}")
     a = ap.parse_args(argv)
+    try:
+        injections = tuple(parse_injection(text) for text in a.inject)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = TrafficConfig(events=a.events, users=a.users, concepts=a.concepts, content_items=a.content_items,
                         span_seconds=a.span_seconds, malformed_fraction=a.malformed_fraction,
-                        json_fraction=a.json_fraction, seed=a.seed)
+                        json_fraction=a.json_fraction, seed=a.seed, injections=injections)
     try:
         counts = produce(generate(cfg), a.brokers, a.rate, progress_every=max(10000, a.events // 10))
     except Exception as e:  # one line for a person, not a trace

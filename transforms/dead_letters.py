@@ -21,7 +21,7 @@ def event_dead_letter(e: Event, code: str, message: str) -> DeadLetter:
     return DeadLetter(
         source_topic=e.topic, source_partition=e.partition, source_offset=e.offset, error_code=code,
         error_message=message, raw_bytes=_reencoded(e), correlation_id=e.fields.get("correlation_id"),
-        event_type=e.event_type, failed_at=int(time.time() * 1000))
+        event_type=e.event_type, failed_at=int(time.time() * 1000), record_time_ms=e.event_time_ms)
 
 
 def _reencoded(e: Event) -> bytes:

@@ -58,7 +58,7 @@ def to_dead_letter(record: KafkaRecord, error: InvalidRecord) -> DeadLetter:
         source_offset=record.offset, error_code=error.code, error_message=_safe_text(error.message),
         raw_bytes=record.value or b"", correlation_id=_safe_text(error.correlation_id),
         event_type=_safe_text(error.event_type), failed_at=int(time.time() * 1000),
-        attempt=_attempt(record))
+        attempt=_attempt(record), record_time_ms=record.timestamp_ms)
 
 
 def processing_error(record: KafkaRecord, exc: Exception) -> InvalidRecord:

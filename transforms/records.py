@@ -49,3 +49,6 @@ class DeadLetter(NamedTuple):
     event_type: Optional[str]
     failed_at: int
     attempt: int = 0
+    # The source record's Kafka timestamp (event time, as producers set it), when
+    # known: the dead-letter rate counts a letter in that minute. Not on the wire.
+    record_time_ms: Optional[int] = None
