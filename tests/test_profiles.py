@@ -169,7 +169,7 @@ def test_fast_answers_raise_once_at_eight_and_resolve_on_the_next_normal_answer(
     assert profile.summary("u1", state)["fast_answer_streak"] == 10
     signals += profile.apply(state, qa(start + 20_000, rt=1000, offset=30))  # 1000 ms is not fast
     assert len(signals) == 2 and signals[1].in_range and signals[1].observed == 0
-    assert signals[1].window_start_ms == start and signals[1].window_end_ms == start + 20_000
+    assert signals[1].window_start_ms == start + 9 * 1500 and signals[1].window_end_ms == start + 20_000
     signals += profile.apply(state, qa(start + 30_000, rt=5000, offset=31))  # no streak to end
     assert len(signals) == 2
     assert profile.summary("u1", state)["fast_answer_streak"] == 0

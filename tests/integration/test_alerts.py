@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from schemas.serving import RECENT_ALERTS_KEY
-from scripts.produce import TrafficConfig, parse_injection
+from scripts.produce import FAST_ANSWER_SPACING_MS, FAST_ANSWERS_IN_A_ROW, TrafficConfig, parse_injection
+from transforms.profiles.profile import FAST_STREAK_ALERT
 from tests.integration.conftest import BROKERS
 from tests.integration.readback import topic_records
 
@@ -33,6 +34,8 @@ INJECTED = [
     ("dead_letters:learning.events.v1@4200+120", 60, "dead_letter_rate"),
     ("rate_drop:question_answered@6000+60", 60, "event_rate_drop"),
 ]
+# fast_answers (the behaviour profiles' rule): its window is the streak itself, not a fixed size.
+FAST = "fast_answers:user-00042@5400"
 
 
 def config(end_ms: int, injections=()) -> TrafficConfig:
@@ -86,18 +89,22 @@ def in_redis(stack) -> list[dict]:
 @pytest.fixture(scope="module")
 def injected(stack):
     end = stream_end()
-    stack.produce(config(end, [text for text, _, _ in INJECTED]))
+    stack.produce(config(end, [text for text, _, _ in INJECTED] + [FAST]))
     proc = stack.run_streaming(until_idle=5)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return end - SPAN_S * 1000
 
 
+def fixed_window(rec: dict) -> bool:
+    return rec["kind"] != "fast_answers"
+
+
 def test_each_injected_anomaly_is_one_episode_everywhere(stack, injected):
     want = expected_alerts(stack, injected)
     topic, rows, listed = on_topic(stack), in_postgres(stack), in_redis(stack)
-    assert Counter(map(key, topic)) == Counter(want)
-    assert Counter(map(key, rows)) == Counter(want)
-    assert Counter(map(key, listed)) == Counter(want)
+    assert Counter(key(r) for r in topic if fixed_window(r)) == Counter(want)
+    assert Counter(key(r) for r in rows if fixed_window(r)) == Counter(want)
+    assert Counter(key(r) for r in listed if fixed_window(r)) == Counter(want)
     assert all(r["published"] for r in rows)
     # A RESOLVED record names its episode: the RAISED record's id, which it closed.
     by_id = {r["alert_id"]: r for r in rows}
@@ -110,6 +117,22 @@ def test_each_injected_anomaly_is_one_episode_everywhere(stack, injected):
         assert rec["message"] and rec["expected_low"] <= rec["expected_high"]
         if rec["status"] == "RAISED" and rec["kind"] in ("event_rate_drop", "dead_letter_rate"):
             assert rec["severity"] == "CRITICAL"   # a drop to zero; half the records dead
+
+
+def test_injected_fast_answers_are_one_episode_of_their_user(stack, injected):
+    """FAST_ANSWERS_IN_A_ROW answers under 1 s, FAST_ANSWER_SPACING_MS apart from the injection's
+    start: the profiles' rule raises once when the streak reaches its threshold (the window: the
+    streak's first to its threshold-th answer) and resolves once on the user's next normal answer
+    (the window: the streak's last fast answer to that one)."""
+    inj = parse_injection(FAST)
+    begin = injected + int(inj.start_s * 1000)
+    streak_span_s = max(1, (FAST_STREAK_ALERT - 1) * FAST_ANSWER_SPACING_MS // 1000)
+    for where in (on_topic(stack), in_postgres(stack), in_redis(stack)):
+        fast = sorted((r for r in where if r["kind"] == "fast_answers"), key=lambda r: r["status"])
+        last_fast = begin + (FAST_ANSWERS_IN_A_ROW - 1) * FAST_ANSWER_SPACING_MS
+        assert [(r["status"], r["entity_id"], r["window_start"]) for r in fast] == [
+            ("RAISED", inj.entity, begin), ("RESOLVED", inj.entity, last_fast)]
+        assert fast[0]["window_seconds"] == streak_span_s
 
 
 def test_a_second_run_over_the_same_stream_raises_nothing_again(stack, injected):
@@ -126,9 +149,10 @@ def test_a_second_run_over_the_same_stream_raises_nothing_again(stack, injected)
     proc = stack.run_streaming(until_idle=5, group_id=f"{stack.group_id}-again", start_from="earliest")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows, listed, topic = in_postgres(stack), in_redis(stack), on_topic(stack)
-    assert Counter(map(key, rows)) == Counter(want)
+    assert Counter(key(r) for r in rows if fixed_window(r)) == Counter(want)
     assert all(r["published"] for r in rows)
-    assert Counter(map(key, listed)) == Counter(want)
+    assert Counter(key(r) for r in listed if fixed_window(r)) == Counter(want)
+    assert sum(r["kind"] == "fast_answers" for r in rows) == 2
     assert [r["alert_id"] for r in topic[len(topic_before):]] == [unpublished]
     assert Counter(r["alert_id"] for r in topic) == Counter(
         [r["alert_id"] for r in topic_before] + [unpublished])

@@ -217,7 +217,7 @@ def test_fast_answers_signal_once_per_streak_and_once_more_when_it_ends(fresh_st
 
 
     expected = [("fast_answers", "bot-1", False, 8.0, t0 + 2000, t0 + 16000, 14),
-                ("fast_answers", "bot-1", True, 0.0, t0 + 2000, t0 + 22000, 20)]
+                ("fast_answers", "bot-1", True, 0.0, t0 + 20000, t0 + 22000, 2)]
     run(batches)
     expected = []   # the same offsets again: already applied, no signal, no change
     run(batches)

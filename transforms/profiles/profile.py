@@ -131,8 +131,11 @@ def _fast_streak(state: dict, user: str, t: int, response_ms: int) -> list[Alert
         return []
     signals = []
     if fast["signalled"]:  # this normal-speed answer ends a streak that raised
-        signals.append(fast_signal(user, fast["first_ms"], max(fast["last_ms"], t), fast["length"],
-                                   in_range=True))
+        # The window where the speed was back in range: from the streak's last fast answer to
+        # this one. It starts after the raise's window (the streak's first answer), as the
+        # publisher resolves an episode only with a newer window than the one that raised it.
+        start = max(fast["last_ms"], fast["first_ms"] + 1)
+        signals.append(fast_signal(user, start, max(start, t), fast["length"], in_range=True))
     state["fast"] = {"length": 0, "first_ms": None, "last_ms": None, "signalled": False}
     return signals
 
