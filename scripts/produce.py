@@ -360,6 +360,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible")
     ap.add_argument("--span_seconds", "--span-seconds", type=float, default=600.0,
                     help="event-time span, ending now")
+    ap.add_argument("--align_end", type=int, default=0, metavar="SECONDS",
+                    help="end the span at the last multiple of SECONDS before now (e.g. 300: whole "
+                         "1- and 5-minute windows, so that a drained job's last window is not partial, "
+                         "which the rate rules would call a drop); 0 = end now")
     ap.add_argument("--users", type=int, default=200, help="distinct students")
     ap.add_argument("--concepts", type=int, default=40, help="distinct concepts questions are about")
     ap.add_argument("--content_items", "--content-items", type=int, default=150, help="distinct content items")
@@ -378,8 +382,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         injections = tuple(parse_injection(text) for text in a.inject)
     except ValueError as e:
         ap.error(str(e))
+    if a.align_end < 0:
+        ap.error("--align_end must be 0 or a number of seconds")
+    now_ms = int(time.time() * 1000)
+    end_ms = now_ms - now_ms % (a.align_end * 1000) if a.align_end else None
     cfg = TrafficConfig(events=a.events, users=a.users, concepts=a.concepts, content_items=a.content_items,
-                        span_seconds=a.span_seconds, malformed_fraction=a.malformed_fraction,
+                        span_seconds=a.span_seconds, end_time_ms=end_ms, malformed_fraction=a.malformed_fraction,
                         json_fraction=a.json_fraction, seed=a.seed, injections=injections)
     try:
         counts = produce(generate(cfg), a.brokers, a.rate, progress_every=max(10000, a.events // 10))

@@ -18,6 +18,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import default_registry
+from schemas.serving import HARDEST_CONCEPTS_KEY
 from schemas.settings import setting
 from schemas.topics import DLQ_TOPIC
 from schemas.wire import decode_avro
@@ -48,6 +49,23 @@ def dead_letters_by_code(brokers: str, topic: str, timeout_s: float = 60.0) -> C
     finally:
         consumer.close()
     return counts
+
+
+def print_alerts(cur, limit: int = 10) -> None:
+    """The newest alerts (Postgres ``alerts``), one line each, and the sentence of each raised one."""
+    cur.execute("SELECT to_regclass('alerts') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return
+    cur.execute("SELECT count(*) FILTER (WHERE status = 'RAISED'), count(*) FILTER (WHERE status = 'RESOLVED') "
+                "FROM alerts")
+    raised, resolved = cur.fetchone()
+    print(f"\nalerts (Postgres alerts, newest first): {raised} raised, {resolved} resolved")
+    cur.execute("""SELECT status, severity, kind, entity_id, window_start, window_seconds, message
+                   FROM alerts ORDER BY window_start DESC, status DESC LIMIT %s""", (limit,))
+    for status, severity, kind, entity, start, seconds, message in cur.fetchall():
+        print(f"  {status:8s} {severity:8s} {kind:22s} {entity:22s} {start:%H:%M:%S}+{seconds}s")
+        if status == "RAISED":
+            print(f"           {message}")
 
 
 def main(argv=None) -> int:
@@ -81,12 +99,17 @@ def main(argv=None) -> int:
         for size, family, n in cur.fetchall():
             by_family[family] += n
         print("  rows by family: " + ", ".join(f"{f} {n:,}" for f, n in sorted(by_family.items())))
+        print_alerts(cur)
 
     r = redis.Redis.from_url(a.redis_url)
     keys = Counter(k.split(b":")[1].decode() for k in r.scan_iter("analytics:*", count=5000)
                    if not k.endswith(b":latest"))
-    print("\nreal-time keys in Redis: " + (", ".join(f"{w} {n:,}" for w, n in sorted(keys.items()))
-                                          or "none"))
+    windows = {w: n for w, n in keys.items() if w[:-1].isdigit()}
+    print("\nreal-time keys in Redis: " + (", ".join(f"{w} {n:,}" for w, n in sorted(windows.items()))
+                                          or "none") + f"; learner profiles {keys.get('profile', 0):,}")
+    hardest = r.zrange(HARDEST_CONCEPTS_KEY, 0, 4, withscores=True)
+    if hardest:
+        print("  hardest concepts now: " + ", ".join(f"{c.decode()} {acc:.0%}" for c, acc in hardest))
 
     dl = dead_letters_by_code(a.brokers, a.dlq_topic)
     print(f"\ndead letters on {a.dlq_topic}: {sum(dl.values()):,}")

@@ -228,18 +228,21 @@
         : "Redis did not answer: " + d.redis.error, d.redis.ok);
     }
     clear(box);
+    // Three significant digits: a range of 24.014-454.624 reads as 24.0-455.
+    const num = (v) => fmt(Number(Number(v).toPrecision(3)));
+    const span = (s) => (s >= 60 ? `${Math.round(s / 60)} min` : `${s} s`);
     const rows = d.alerts.map((a) => {
       const at = toMs(a.created_at), start = toMs(a.window_start);
       const range = a.expected_low === undefined ? "" :
-        ` (expected ${fmt(Math.round(a.expected_low * 1000) / 1000)}–${fmt(Math.round(a.expected_high * 1000) / 1000)})`;
+        ` (expected ${num(a.expected_low)}–${num(a.expected_high)})`;
       return html("tr", {class: "alert", "data-kind": a.kind || "", "data-status": a.status || ""}, [
         html("td", {}, isNaN(at) ? "" : hhmmss(at)),
         html("td", {}, html("span", {class: "sev " + (a.severity || "INFO")}, a.severity || "?")),
         html("td", {class: "status-" + (a.status || "")}, a.status || ""),
         html("td", {}, a.kind || ""),
         html("td", {}, `${a.entity_type || ""} ${a.entity_id || ""}`),
-        html("td", {}, isNaN(start) ? "" : `${hhmm(start)}, ${Math.round((a.window_seconds || 0) / 60)} min`),
-        html("td", {}, (a.observed === undefined ? "" : fmt(Math.round(a.observed * 1000) / 1000)) + range),
+        html("td", {}, isNaN(start) ? "" : `${hhmm(start)}, ${span(a.window_seconds || 0)}`),
+        html("td", {}, (a.observed === undefined ? "" : num(a.observed)) + range),
         html("td", {}, a.message || "")]);
     });
     box.append(html("table", {class: "alerts"}, [
