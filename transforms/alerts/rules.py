@@ -77,7 +77,7 @@ def concept_accuracy_signal(concept: str, window_start_ms: int, answers: float, 
     sigma = math.sqrt(p * (1 - p) * (1 / answers + 1 / baseline_answers))
     low = max(0.0, expected - max(ACCURACY_MIN_DROP, ACCURACY_SIGMAS * sigma))
     in_range = accuracy >= low
-    message = (f"Accuracy on {concept} fell to {accuracy:.0%} over {int(answers)} answers in "
+    message = (f"Accuracy on {concept} {'is back at' if in_range else 'fell to'} {accuracy:.0%} over {int(answers)} answers in "
                f"{_window_text(window_start_ms, ACCURACY_WINDOW_S)}, against {expected:.0%} over the "
                f"trailing hour (alert below {low:.0%}).")
     return AlertSignal("concept_accuracy_drop", WARNING, "concept", concept, ACCURACY_WINDOW_S, window_start_ms,
@@ -105,7 +105,7 @@ def event_rate_signals(event_type: str, window_start_ms: int, observed: float,
     when = _window_text(window_start_ms, RATE_WINDOW_S)
     spike = AlertSignal("event_rate_spike", WARNING, "event_type", event_type, RATE_WINDOW_S, window_start_ms,
                         end, observed, low, high, observed <= high,
-                        f"{event_type} events rose to {int(observed)} in {when}, against {baseline:.0f} a minute "
+                        f"{event_type} events {'are back at' if observed <= high else 'rose to'} {int(observed)} in {when}, against {baseline:.0f} a minute "
                         f"over the trailing {len(trailing)} minutes (alert above {high:.0f}).")
     # Nothing at all against a baseline of RATE_MIN_BASELINE or more (a Poisson chance below
     # e^-20) is an outage, even where the noise margin reaches down to zero.
@@ -114,7 +114,7 @@ def event_rate_signals(event_type: str, window_start_ms: int, observed: float,
                        RATE_WINDOW_S, window_start_ms, end, observed, low, high, observed >= low and not outage,
                        (f"No {event_type} events at all in {when}, against {baseline:.0f} a minute before: "
                         "a producer outage?") if outage else
-                       (f"{event_type} events fell to {int(observed)} in {when}, against {baseline:.0f} a "
+                       (f"{event_type} events {'are back at' if observed >= low else 'fell to'} {int(observed)} in {when}, against {baseline:.0f} a "
                         f"minute over the trailing {len(trailing)} minutes (alert below {low:.0f})."))
     return [spike, drop]
 
@@ -132,6 +132,7 @@ def dead_letter_signal(topic: str, window_start_ms: int, dead_letters: float,
     high = p + DEAD_LETTER_SIGMAS * math.sqrt(p * (1 - p) / records)
     severity = CRITICAL if share >= DEAD_LETTER_CRITICAL_SHARE else WARNING
     message = (f"{share:.0%} of the records on {topic} ({int(dead_letters)} of {int(records)}) were dead "
-               f"letters in {_window_text(window_start_ms, DEAD_LETTER_WINDOW_S)} (alert above {high:.0%}).")
+               f"letters in {_window_text(window_start_ms, DEAD_LETTER_WINDOW_S)}" +
+               (f", back under the alert level of {high:.0%}." if share <= high else f" (alert above {high:.0%})."))
     return AlertSignal("dead_letter_rate", severity, "topic", topic, DEAD_LETTER_WINDOW_S, window_start_ms,
                        window_start_ms + DEAD_LETTER_WINDOW_S * 1000, share, 0.0, high, share <= high, message)
