@@ -115,14 +115,14 @@ def test_old_writer_schema_resolves_to_new_reader(tmp_path):
     v2_raw = copy.deepcopy(v1.raw)
     v2_raw["fields"].append({"name": "comment", "type": ["null", "string"], "default": None})
     v2 = reg.register("content_rated", v2_raw, save=True)
-    assert (v2.version, v2.schema_id) == (2, 102)
+    assert (v2.version, v2.schema_id) == (2, 103)
     rated = {"event_id": "e", "occurred_at": BASE_MS, "user_id": "u", "correlation_id": None,
              "content_id": "c", "rating": 4}
     old_bytes = encode_avro(v1, rated)
     ev = EventValidator(reg, clock=lambda: BASE_MS / 1000).validate(record(old_bytes))
     assert ev.fields["comment"] is None and ev.fields["rating"] == 4 and ev.schema_id == v1.schema_id
-    # and it was saved: a fresh load knows id 102
-    assert SchemaRegistry.load(str(tmp_path / "schemas" / "registry.json")).by_id(102).version == 2
+    # and it was saved: a fresh load knows id 103
+    assert SchemaRegistry.load(str(tmp_path / "schemas" / "registry.json")).by_id(103).version == 2
     assert json.loads((tmp_path / "schemas" / "avro" / "content_rated" / "v2.avsc").read_text()) == v2_raw
 
 

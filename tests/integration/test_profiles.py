@@ -19,6 +19,7 @@ import apache_beam as beam
 import psycopg2
 import pytest
 import redis
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from confluent_kafka import Consumer, TopicPartition
@@ -208,7 +209,10 @@ def test_fast_answers_signal_once_per_streak_and_once_more_when_it_ends(fresh_st
     batches = [events[:5], events[5:9], events[9:]]   # three Kafka polls
 
     def run(batches) -> list:
-        with TestPipeline(runner="DirectRunner") as p:
+        # The FnApiRunner itself: an explicit "DirectRunner" first tries Beam's shared Prism job
+        # server without our binary, and that failed (download) server is then kept for the
+        # process, failing every later Prism pipeline of the test run (Beam 2.77).
+        with TestPipeline(runner=FnApiRunner()) as p:
             signals = (p | beam.Create(batches, reshuffle=False)
                        | beam.ParDo(UpdateProfilesFn(fresh_stack.dsn, fresh_stack.redis_url, fresh_stack.group_id))
                        | beam.Map(lambda s: (s.kind, s.entity_id, s.in_range, s.observed, s.window_start_ms,

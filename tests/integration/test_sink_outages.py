@@ -31,6 +31,7 @@ from tests.helpers import BASE_MS, answer, event
 from tests.integration.conftest import BROKERS, REPO
 from tests.integration.instances import OUTAGE_S, STACK_SH, Instance, private
 from tests.integration.expected import assert_metrics_match, expected_metrics
+from tests.integration.test_profiles import assert_profiles, expected_profiles, postgres_profiles, redis_profiles
 from tests.integration.readback import postgres_metrics, postgres_scalar, redis_metrics
 from transforms.aggregate import MetricRow, WindowAggregate
 from transforms.sinks.kafka_sink import PublishAggregatesFn
@@ -391,13 +392,23 @@ def test_the_streaming_job_rides_out_postgres_down_30s_and_redis_15s(stack, priv
     assert postgres_scalar(dsn, "SELECT count(*) FROM raw_events") == len(valid)
     assert postgres_scalar(dsn, "SELECT count(DISTINCT event_id) FROM raw_events") == len(valid)
     assert committed(stack.group_id, topics) == len(produced)
+    # The learner profiles rode out both outages too: each exact in Postgres and in Redis.
+    profiles = expected_profiles(produced)
+    assert_profiles(profiles, postgres_profiles(dsn), "postgres")
+    assert_profiles(profiles, redis_profiles(redis_url, profiles), "redis")
     # Every breaker that opened closed again (each DoFn instance has its own). The archive
-    # and Redis always met their outage; whether a pane reached the Postgres upsert
-    # (or a bundle the window ledger, fused after the archive) while the reader was
-    # held depends on Prism's scheduling, so it is not required.
-    for sink in ("ArchiveRawEvents", "WindowLedger", "WriteMetricsToRedis", "WriteMetricsToPostgres"):
+    # always meets its outage, and Redis's is met by a writer of it: the profiles (fused
+    # with the reader, so the reader waits there) or the window rows, whichever runs into
+    # it first. Whether a pane reached the Postgres upsert (or a bundle the window ledger,
+    # fused after the archive) while the reader was held depends on Prism's scheduling.
+    opened_by = {}
+    for sink in ("ArchiveRawEvents", "WindowLedger", "WriteMetricsToRedis", "WriteMetricsToPostgres",
+                 "UpdateProfiles"):
         opened = [line for line in err.splitlines() if sink in line and "circuit breaker OPEN" in line]
         closed = [line for line in err.splitlines() if sink in line and "circuit breaker CLOSED" in line]
         assert len(opened) == len(closed), (sink, opened, closed)
-        # The ledger is written at the end of a bundle the archive may already hold.
-        assert opened or sink in ("WriteMetricsToPostgres", "WindowLedger"), f"{sink}: no breaker opened"
+        opened_by[sink] = opened
+    assert opened_by["ArchiveRawEvents"], "the archive met no outage"
+    assert any(f"127.0.0.1:{private_redis.port}/5" in line
+               for line in opened_by["WriteMetricsToRedis"] + opened_by["UpdateProfiles"]), \
+        "no Redis writer met the Redis outage"

@@ -42,6 +42,9 @@ HALF_LIFE_MS = 24 * 3600 * 1000
 # (the generator's response times are lognormal(9, 0.5) ms: median ~8.1 s, and
 # P(< 1 s) ~ 1e-5, so FAST_STREAK_ALERT of them in a row never happen by chance).
 FAST_ANSWER_MS = 1000
+# How many of a user's latest session ends a profile keeps to tell whether the latest
+# session started has ended.
+ENDED_KEPT = 20
 FAST_STREAK_ALERT = 8
 FAST_ANSWERS_KIND = "fast_answers"
 
@@ -54,7 +57,9 @@ def empty() -> dict:
         # answers and correct answers weighted by 2^-((ref_ms - t) / HALF_LIFE_MS)
         "recent": {"answers": 0.0, "correct": 0.0, "ref_ms": None},
         "sessions_started": 0, "sessions_ended": 0, "session_ms_total": 0,
-        "last_started": None, "last_ended": None,   # {"id": session id, "at": event time ms}
+        "last_started": None,                        # {"id": session id, "at": event time ms}
+        "recently_ended": [],                        # [event time ms, session id] of the latest
+                                                     # ENDED_KEPT sessions ended, oldest first
         "days": [],                                  # UTC days with an event, "YYYY-MM-DD", sorted
         "mastery": {},                               # concept -> [event time ms, offset, mastery_after]
         "achievements": 0, "achievement_points": 0,
@@ -68,6 +73,9 @@ def load(stored: Optional[dict]) -> dict:
     """A stored profile (or ``{}``/None for a new user) as a complete state."""
     state = empty()
     state.update(stored or {})
+    ended = state.pop("last_ended", None)   # the single latest of profiles stored before 2026-11-28
+    if ended is not None and not state["recently_ended"]:
+        state["recently_ended"] = [[ended["at"], ended["id"]]]
     return state
 
 
@@ -173,8 +181,13 @@ def _session_started(state: dict, event: Event) -> list:
 def _session_ended(state: dict, event: Event) -> list:
     state["sessions_ended"] += 1
     state["session_ms_total"] += event.fields["duration_ms"]
-    state["last_ended"] = _latest(state["last_ended"], {"id": event.fields["session_id"],
-                                                        "at": event.event_time_ms})
+    # A set of the latest ends, not only the latest one: a short session's end can carry an
+    # earlier event time (client clocks) than the end of the session before it. Trimmed by
+    # (event time, id), so the kept set does not depend on the order events arrive in.
+    ended = state["recently_ended"]
+    ended.append([event.event_time_ms, event.fields["session_id"]])
+    ended.sort()
+    del ended[:-ENDED_KEPT]
     return []
 
 
@@ -215,9 +228,9 @@ _HANDLERS = {
 
 def current_session(state: dict) -> Optional[dict]:
     """The open session ({"session_id", "started_at_ms"}), or None: open when the latest
-    session started has not ended (sessions of a user do not overlap)."""
-    started, ended = state["last_started"], state["last_ended"]
-    if started is None or (ended is not None and ended["id"] == started["id"]):
+    session started (by event time) is not among the latest ENDED_KEPT sessions ended."""
+    started = state["last_started"]
+    if started is None or any(sid == started["id"] for _, sid in state["recently_ended"]):
         return None
     return {"session_id": started["id"], "started_at_ms": started["at"]}
 
