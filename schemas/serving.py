@@ -3,12 +3,24 @@
 The streaming job writes these keys and the analytics service (the dashboard,
 /learners, /concepts) reads them; both import the names from here. Window
 values keep the sink's own layout (``analytics:<label>:<start ms>:<family>:<entity>``,
-see transforms/sinks/redis_sink.py); the keys below are the learner-level ones.
+see transforms/sinks/redis_sink.py, keys from :func:`window_key`); the other keys are the
+learner-level ones.
 Importable without Beam.
 """
 from __future__ import annotations
 
 PREFIX = "analytics"
+
+
+def window_key(label: str, window_start_ms: int, family: str, entity: str, prefix: str = PREFIX) -> str:
+    """The hash of one window row: ``analytics:<label>:<window start ms>:<family>:<entity>``
+    (label as transforms.aggregate.window_label gives it: 1m, 5m, 1h, 1d)."""
+    return f"{prefix}:{label}:{window_start_ms}:{family}:{entity}"
+
+
+def latest_window_key(label: str, prefix: str = PREFIX) -> str:
+    """The start (epoch ms) of the newest window of a size that the sink wrote."""
+    return f"{prefix}:{label}:latest"
 
 # One hash per user: the behaviour profile (transforms/profiles), each field a
 # number or a JSON text; written with every change, never expires.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from schemas.serving import HARDEST_CONCEPTS_KEY, PREFIX
+from schemas.serving import HARDEST_CONCEPTS_KEY, latest_window_key, window_key
 
 # The windows of "the last 5 minutes, hour and day": label -> seconds.
 CONCEPT_WINDOWS = {"5m": 300, "1h": 3600, "1d": 86400}
@@ -36,11 +36,11 @@ def _text(value: Any) -> str:
 def concept_performance(redis_client, concept_id: str) -> dict:
     """The concept's numbers in the newest 5-minute, hour and day windows (two round trips)."""
     labels = list(CONCEPT_WINDOWS)
-    starts = redis_client.mget([f"{PREFIX}:{label}:latest" for label in labels])
+    starts = redis_client.mget([latest_window_key(label) for label in labels])
     known = {label: int(_text(s)) for label, s in zip(labels, starts) if s is not None}
     pipe = redis_client.pipeline(transaction=False)
     for label, start in known.items():
-        pipe.hgetall(f"{PREFIX}:{label}:{start}:concept:{concept_id}")
+        pipe.hgetall(window_key(label, start, "concept", concept_id))
     hashes = dict(zip(known, pipe.execute()))
     windows: dict[str, Optional[dict]] = {
         label: _window(seconds, known[label], hashes[label]) if label in known else None

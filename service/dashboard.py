@@ -26,7 +26,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from schemas.serving import HARDEST_CONCEPTS_KEY, PREFIX, RECENT_ALERTS_KEY, profile_key
+from schemas.serving import HARDEST_CONCEPTS_KEY, RECENT_ALERTS_KEY, latest_window_key, profile_key, window_key
+from service.concepts import hardest_concepts
 
 TIMEOUT_S = 1.0
 CACHE_S = 1.0
@@ -37,15 +38,6 @@ HARDEST_MAX = 100            # /concepts/hardest?n= is capped here
 # The fields of a 1-minute overall hash the charts use (transforms/aggregate.py names them).
 MINUTE_FIELDS = ("events", "answers", "correct", "accuracy")
 MINUTE_MS = 60_000
-
-
-def overall_key(label: str, start_ms: int) -> str:
-    """The overall row of one window, as transforms/sinks/redis_sink.py metric_key writes it."""
-    return f"{PREFIX}:{label}:{start_ms}:overall:all"
-
-
-def latest_key(label: str) -> str:
-    return f"{PREFIX}:{label}:latest"
 
 
 def decode_value(text: str) -> Any:
@@ -100,14 +92,14 @@ class ServingReader:
 
     def _read_panels(self) -> dict:
         try:
-            newest_1m, newest_5m = self.client.mget(latest_key("1m"), latest_key("5m"))
+            newest_1m, newest_5m = self.client.mget(latest_window_key("1m"), latest_window_key("5m"))
             newest = int(newest_1m) if newest_1m else (int(time.time() * 1000) // MINUTE_MS) * MINUTE_MS
             starts = [newest - (MINUTES - 1 - i) * MINUTE_MS for i in range(MINUTES)]
             pipe = self.client.pipeline(transaction=False)
             for start in starts:
-                pipe.hmget(overall_key("1m", start), MINUTE_FIELDS)
+                pipe.hmget(window_key("1m", start, "overall", "all"), MINUTE_FIELDS)
             if newest_5m:
-                pipe.hmget(overall_key("5m", int(newest_5m)), ("active_users", "window_end"))
+                pipe.hmget(window_key("5m", int(newest_5m), "overall", "all"), ("active_users", "window_end"))
             pipe.zrange(HARDEST_CONCEPTS_KEY, 0, HARDEST_SHOWN - 1, withscores=True)
             pipe.lrange(RECENT_ALERTS_KEY, 0, ALERTS_SHOWN - 1)
             answers = pipe.execute()
@@ -136,8 +128,7 @@ class ServingReader:
 
     def hardest(self, n: int) -> list:
         """The ``n`` concepts with the lowest accuracy now, lowest first. Raises RedisError."""
-        pairs = self.client.zrange(HARDEST_CONCEPTS_KEY, 0, max(0, n - 1), withscores=True)
-        return [{"concept": c, "accuracy": a} for c, a in pairs]
+        return [{"concept": c, "accuracy": a} for c, a in hardest_concepts(self.client, max(1, n))]
 
     def close(self) -> None:
         self.client.close()

@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from schemas.serving import HARDEST_CONCEPTS_KEY, HARDEST_CONCEPTS_WINDOW_KEY
+from schemas.serving import HARDEST_CONCEPTS_KEY, HARDEST_CONCEPTS_WINDOW_KEY, latest_window_key, window_key
 from transforms.aggregate import CONCEPT, WindowAggregate, window_label
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 from transforms.sinks.written import PaneWritten
@@ -79,7 +79,7 @@ def hardest_concepts_args(agg: WindowAggregate) -> list:
 
 
 def metric_key(prefix: str, window_seconds: int, window_start_ms: int, family: str, entity: str) -> str:
-    return f"{prefix}:{window_label(window_seconds)}:{window_start_ms}:{family}:{entity}"
+    return window_key(window_label(window_seconds), window_start_ms, family, entity, prefix)
 
 
 # Errors that mean "Redis is not there" (BusyLoadingError, a restart reading its
@@ -153,7 +153,7 @@ class WriteMetricsToRedisFn(beam.DoFn):
             pipe.hset(key, mapping=dict(row.metrics, pane_timing=agg.pane_timing,
                                         pane_index=agg.pane_index, window_end=agg.window_end_ms))
             pipe.expire(key, ttl)
-        latest = f"{self.prefix}:{window_label(agg.window_seconds)}:latest"
+        latest = latest_window_key(window_label(agg.window_seconds), self.prefix)
         pipe.set(latest, agg.window_start_ms, ex=ttl, nx=True)
         if agg.window_seconds == HARDEST_WINDOW_S:
             # Every hour pane, with concept rows or without: a newer hour replaces the set.
