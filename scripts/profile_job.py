@@ -112,7 +112,8 @@ def _print(summary: dict, seconds: float) -> None:
         print(f"  {p:5.1f}%  {name}")
 
 
-def run(events: int, out: str, rate: int, pipeline_args: list[str], redis_db: int) -> Optional[dict]:
+def run(events: int, out: str, rate: int, pipeline_args: list[str], redis_db: int,
+        gil: bool = False) -> Optional[dict]:
     if shutil.which("py-spy") is None:
         print("profile_job: py-spy is not installed: pip install py-spy", file=sys.stderr)
         return None
@@ -124,7 +125,7 @@ def run(events: int, out: str, rate: int, pipeline_args: list[str], redis_db: in
         job = [sys.executable, "-m", "pipelines.streaming",
                *stack.pipeline_args(until_idle=3, start_from="earliest"), *pipeline_args]
         cmd = ["py-spy", "record", "--rate", str(rate), "--subprocesses", "--format", "raw",
-               "--output", raw, "--", *job]
+               *(["--gil"] if gil else []), "--output", raw, "--", *job]
         began = time.monotonic()
         with open(os.path.join(out, "job.log"), "w") as log:
             rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -146,13 +147,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--redis_db", type=int, default=13, help="Redis database to use, flushed")
     ap.add_argument("--pipeline_arg", action="append", default=[], metavar="ARG",
                     help="one more argument for the streaming job, repeatable")
+    ap.add_argument("--gil", action="store_true",
+                    help="count only samples of the thread holding the GIL: where the worker's one core of "
+                         "Python goes (without it, threads waiting for the GIL count as busy too)")
     ap.add_argument("--summarise", metavar="RAW", default=None,
                     help="only summarise an earlier raw profile (no job is run)")
     a = ap.parse_args(argv)
     if a.summarise:
         _print(summarise(a.summarise), 0.0)
         return 0
-    return 0 if run(a.events, a.out, a.rate, a.pipeline_arg, a.redis_db) is not None else 1
+    return 0 if run(a.events, a.out, a.rate, a.pipeline_arg, a.redis_db, a.gil) is not None else 1
 
 
 if __name__ == "__main__":
