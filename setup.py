@@ -30,7 +30,7 @@ setup(
         "python-json-logger>=3.1,<5",
     ],
     # selenium drives Debian's chromium/chromedriver (scripts/install_browser.sh), never a downloaded browser.
-    extras_require={"test": ["pytest>=8", "httpx>=0.27,<1", "selenium>=4.15,<5"]},
+    extras_require={"test": ["pytest>=8", "httpx>=0.27,<1", "selenium>=4.15,<5", "psutil>=5.9,<8"]},
     # The same commands as `python -m pipelines.streaming` (and .replay,
     # .recover_dead_letters), on the PATH once the package is installed.
     entry_points={"console_scripts": [
