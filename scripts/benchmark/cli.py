@@ -16,6 +16,7 @@ from scripts.benchmark.drains import run_drains
 from scripts.benchmark.isolation import Bench, isolated, new_suffix, planned
 from scripts.benchmark.jobs import Job
 from scripts.benchmark.latency import run_latency
+from scripts.benchmark.memory import run_memory
 from scripts.benchmark.printer import print_report
 from scripts.benchmark.replay import run_replay
 from scripts.benchmark.report import Report
@@ -59,9 +60,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pipeline_arg", "--pipeline-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for every streaming job, repeatable, e.g. "
                          "--pipeline_arg=--prism_log_level=debug (default: none)")
+    ap.add_argument("--memory_hours", "--memory-hours", type=float, default=24.0, metavar="H",
+                    help="hours of event time of the memory run, at the throughput runs' events per hour "
+                         "(--events per 2 hours) (default: %(default)s)")
     for what, runs in (("throughput", "producing, the baseline and the streaming and replay runs"),
                        ("sinks-off", "the streaming run with sinks off"), ("latency", "the live-latency run"),
-                       ("replay", "the replay to Parquet")):
+                       ("replay", "the replay to Parquet"),
+                       ("memory", "the memory run (the open-ended job over --memory_hours of event time)")):
         ap.add_argument(f"--skip_{what.replace('-', '_')}", f"--skip-{what}", action="store_true",
                         help=f"skip {runs} (default: off)")
     return ap
@@ -131,6 +136,10 @@ def _measure(a: argparse.Namespace, bench: Bench, rep: Report) -> None:
         rep.latency = run_latency(bench, a.latency_seconds, a.rate, ready_sleep=a.latency_ready_sleep)
         if rep.latency.get("error"):
             rep.errors.append(f"latency: {rep.latency['error']}")
+    if not a.skip_memory:
+        rep.memory = _guarded(rep, "memory", run_memory, bench, a.memory_hours, int(a.events * 3600 / SPAN_S))
+        if rep.memory and rep.memory.get("error"):
+            rep.errors.append(f"memory: {rep.memory['error']}")
 
 
 def _run(a: argparse.Namespace, rep: Report, suffix: str) -> int:

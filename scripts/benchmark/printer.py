@@ -198,6 +198,32 @@ def _print_latency(lat: Optional[dict]) -> None:
     _print_job_end(lat)
 
 
+def _print_memory(m: Optional[dict]) -> None:
+    if not m:
+        return
+    p(f"\n-- memory: the open-ended job (no --until_idle, --allowed_lateness {m.get('allowed_lateness_s')}) "
+      f"over {m.get('hours'):g} h of event time, {m.get('events', 0):,} events "
+      f"({m.get('events_per_event_hour', 0):,} per hour of event time), all sinks; read in "
+      f"{fmt(m.get('read_all_after_s'), 's')}, SIGTERM: exit {m.get('exit_code')}")
+    p(f"resident set of the job's process tree: peak {fmt(m.get('peak_rss_mb'), ' MB')} RSS at "
+      f"{fmt(m.get('peak_at_s'), 's')}; at the end {fmt(m.get('final_rss_mb'), ' MB')} RSS, "
+      f"{fmt(m.get('final_pss_mb'), ' MB')} PSS, {fmt(m.get('final_uss_mb'), ' MB')} USS")
+    peaks = m.get("peak_rss_per_process_mb") or {}
+    for label, q in (m.get("final_per_process") or {}).items():
+        p(f"  {label:<16} RSS {fmt(q['rss_mb'], ' MB')} (peak {fmt(peaks.get(label), ' MB')}), "
+          f"PSS {fmt(q['pss_mb'], ' MB')}, USS {fmt(q['uss_mb'], ' MB')}")
+    p("no baseline ratio: the plain loop runs inside the benchmark process, whose RSS was "
+      f"{fmt(m.get('benchmark_process_rss_mb'), ' MB')} when the memory run began")
+    hours = m.get("rss_after_hour_mb") or []
+    p("RSS (MB) after each hour of event time: " + " ".join(f"{h + 1}:{fmt(v)}" for h, v in enumerate(hours)))
+    fit = m.get("growth_fitted_hours")
+    if m.get("growth_mb_per_event_hour") is None or not fit:
+        p("growth: n/a (fewer than two hours after the first expiries)")
+        return
+    p(f"growth: {fmt(m['growth_mb_per_event_hour'], ' MB')} RSS ({fmt(m.get('pss_growth_mb_per_event_hour'), ' MB')} "
+      f"PSS) per hour of event time, least squares over hours {fit[0]}-{fit[1]}")
+
+
 def print_report(rep: Report) -> None:
     """Prints every section of ``rep`` to stdout."""
     p("\n================ streaming job benchmark ================")
@@ -206,6 +232,7 @@ def print_report(rep: Report) -> None:
     p(f"isolation: suffix {iso['suffix']}, schema {iso['schema']}, redis {iso['redis_url']}")
     _print_throughput(rep.throughput)
     _print_latency(rep.latency)
+    _print_memory(rep.memory)
     if rep.errors:
         p("\n-- errors")
         for e in rep.errors:

@@ -16,13 +16,15 @@ class Report:
     """command; environment (cpus, load averages, python); isolation (suffix, topics, schema,
     redis_url); errors; throughput (events, produce, baseline, pipeline_all_sinks,
     pipeline_sinks_off, check, drains, replay_to_parquet), latency (see
-    ``latency.run_latency``), cleanup problems and runtime. A section not run is None."""
+    ``latency.run_latency``), memory (see ``memory.run_memory``), cleanup problems and
+    runtime. A section not run is None."""
     command: str
     environment: dict
     isolation: dict
     errors: list[str] = field(default_factory=list)
     throughput: Optional[dict] = None
     latency: Optional[dict] = None
+    memory: Optional[dict] = None
     cleanup_problems: list[str] = field(default_factory=list)
     runtime_s: Optional[float] = None
 
