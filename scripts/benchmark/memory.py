@@ -34,6 +34,11 @@ from scripts.benchmark.memory_stats import HOUR_MS, MB, at_hours, first_steady_h
 from scripts.produce import TrafficConfig, generate, produce
 
 ALLOWED_LATENESS_S = 3600  # the job's default, passed explicitly so the fit's first hour follows it
+# Beam 2.77's PortableRunner (what PrismRunner submits through) opens the job's state and
+# message streams with a gRPC deadline of --job_server_timeout (default 300 s): an
+# open-ended job's launcher then fails with DEADLINE_EXCEEDED and exits 1 after 300 s
+# of wall time (seen in this run's first day, 2026-11-29). The memory run outlasts that.
+JOB_SERVER_TIMEOUT_S = 7 * 86400
 SAMPLE_S = 1.0
 SETTLE_S = 15.0            # samples after everything was read, before SIGTERM
 PROGRESS_S = 30.0
@@ -197,6 +202,10 @@ def summarize(rows: list[dict], start_ms: int, hours: float, lateness_s: float) 
     marks = [(r["watermark_ms"], r["rss"]) for r in rows]
     rss_h = [_mb(v) for v in at_hours(marks, start_ms, whole)]
     pss_h = [_mb(v) for v in at_hours([(r["watermark_ms"], r["pss"]) for r in rows], start_ms, whole)]
+    # How far the reader had read past the watermark: partitions hold different shares of the
+    # events (6/3/3 partitions per topic, 200 user keys) and are read at similar record rates,
+    # so the watermark (the slowest partition) trails what was read.
+    read_h = at_hours([(r["watermark_ms"], r["valid"]) for r in rows], start_ms, whole)
     first = first_steady_hour(lateness_s)
     growth, fitted = growth_per_hour(rss_h, first)
     pss_growth, _ = growth_per_hour(pss_h, first)
@@ -207,10 +216,10 @@ def summarize(rows: list[dict], start_ms: int, hours: float, lateness_s: float) 
         "final_per_process": {label: {"pid": p["pid"], "rss_mb": _mb(p["rss"]), "pss_mb": _mb(p["pss"]),
                                       "uss_mb": _mb(p["uss"])} for label, p in final["procs"].items()},
         "peak_rss_per_process_mb": {label: _mb(v) for label, v in per_proc_peak.items()},
-        "rss_after_hour_mb": rss_h, "pss_after_hour_mb": pss_h,
+        "rss_after_hour_mb": rss_h, "pss_after_hour_mb": pss_h, "events_read_after_hour": read_h,
         "growth_mb_per_event_hour": None if growth is None else round(growth, 2),
         "pss_growth_mb_per_event_hour": None if pss_growth is None else round(pss_growth, 2),
-        "growth_fitted_hours": [fitted[0], fitted[-1]] if fitted else None,
+        "growth_fitted_hours": [fitted[0], fitted[-1]] if growth is not None else None,
     }
 
 
@@ -226,7 +235,8 @@ def run_memory(bench: Bench, hours: float, per_hour: int, timeout: Optional[floa
     n, start_ms, end_ms = _produce_day(bench, hours, per_hour, res)
     res.update(events=n, first_event_ms=start_ms, last_event_ms=end_ms)
     port = _free_port()
-    job = Job(bench.pipeline_args(group, http_port=port, allowed_lateness=ALLOWED_LATENESS_S), "memory")
+    job = Job(bench.pipeline_args(group, http_port=port, allowed_lateness=ALLOWED_LATENESS_S,
+                                  job_server_timeout=JOB_SERVER_TIMEOUT_S), "memory")
     log(f"memory: pid {job.proc.pid}: streaming job, open-ended (no --until_idle), all sinks, "
         f"--allowed_lateness {ALLOWED_LATENESS_S}, status on :{port}")
     s = _Samples(job, port)
@@ -237,7 +247,12 @@ def run_memory(bench: Bench, hours: float, per_hour: int, timeout: Optional[floa
         _stop(job, res)
     res["job_seconds"] = round(time.time() - began, 1)
     res.update(summarize(s.rows, start_ms, hours, ALLOWED_LATENESS_S))
-    res["timeline"] = [[r["t"], r["watermark_ms"], _mb(r["rss"]), _mb(r["pss"])] for r in s.rows]
+    res["timeline_columns"] = ["t_s", "watermark_ms", "events_read", "rss_mb", "pss_mb", "launcher_rss_mb",
+                               "prism_rss_mb"]
+    res["timeline"] = [[r["t"], r["watermark_ms"], r["valid"], _mb(r["rss"]), _mb(r["pss"]),
+                        _mb((r["procs"].get("launcher") or {}).get("rss")),
+                        _mb(sum(p["rss"] for k, p in r["procs"].items() if k.startswith("prism")) or None)]
+                       for r in s.rows]
     log(f"memory: exit {res['exit_code']}; RSS peak {res.get('peak_rss_mb')} MB, final {res.get('final_rss_mb')} MB, "
         f"growth {res.get('growth_mb_per_event_hour')} MB per hour of event time")
     return res

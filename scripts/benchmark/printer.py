@@ -216,6 +216,11 @@ def _print_memory(m: Optional[dict]) -> None:
       f"{fmt(m.get('benchmark_process_rss_mb'), ' MB')} when the memory run began")
     hours = m.get("rss_after_hour_mb") or []
     p("RSS (MB) after each hour of event time: " + " ".join(f"{h + 1}:{fmt(v)}" for h, v in enumerate(hours)))
+    read = m.get("events_read_after_hour") or []
+    if any(v is not None for v in read):
+        p("hours of events read when the watermark reached each hour (the slowest partition holds it back): "
+          + " ".join(f"{h + 1}:{fmt(None if v is None else round(v / m['events_per_event_hour'], 1))}"
+                     for h, v in enumerate(read)))
     fit = m.get("growth_fitted_hours")
     if m.get("growth_mb_per_event_hour") is None or not fit:
         p("growth: n/a (fewer than two hours after the first expiries)")
