@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from scripts.benchmark.common import log, tail
 from scripts.benchmark.isolation import Bench
-from scripts.benchmark.jobs import Job, summary_counters
+from scripts.benchmark.jobs import Job
 from scripts.benchmark.memory_stats import HOUR_MS, MB, at_hours, first_steady_hour, growth_per_hour
 from scripts.produce import TrafficConfig, generate, produce
 
@@ -182,8 +182,6 @@ def _stop(job: Job, res: dict) -> None:
         res["leftover_processes_after_exit"] = left
     if res["exit_code"] != 0:
         res["stderr_tail"] = tail(job.stderr(), 30)
-    res["counters"] = {k: v for k, v in summary_counters(job.stdout()).items()
-                       if "expire" in k or "late" in k.lower() or "catch_up" in k}
 
 
 def summarize(rows: list[dict], start_ms: int, hours: float, lateness_s: float) -> dict:

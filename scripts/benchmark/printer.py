@@ -219,7 +219,7 @@ def _print_memory(m: Optional[dict]) -> None:
     read = m.get("events_read_after_hour") or []
     if any(v is not None for v in read):
         p("hours of events read when the watermark reached each hour (the slowest partition holds it back): "
-          + " ".join(f"{h + 1}:{fmt(None if v is None else round(v / m['events_per_event_hour'], 1))}"
+          + " ".join(f"{h + 1}:" + ("n/a" if v is None else f"{v / m['events_per_event_hour']:.1f}")
                      for h, v in enumerate(read)))
     fit = m.get("growth_fitted_hours")
     if m.get("growth_mb_per_event_hour") is None or not fit:
