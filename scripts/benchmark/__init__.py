@@ -21,6 +21,11 @@ its own Redis database (flushed), all removed again at the end, also on failure.
    event time is the send time; a poller reads the 1-minute overall count in
    Redis every 50 ms, and each event's latency is the time from its send to the
    first poll at which its window's count covers it (``latency``).
+3. Memory: ``--memory_hours`` (24) of event time at the throughput runs' events
+   per hour are produced and read by the open-ended job (no --until_idle, so
+   window state expires); the resident set of its process tree (launcher with
+   the SDK worker, Prism) is sampled every second against its watermark: peak,
+   final, after each hour of event time, and the growth per hour (``memory``).
 
 ``--drains N`` repeats 1b (all sinks) N times on the same produced events, each
 with a fresh consumer group and with window_metrics, window_ledger, raw_events
