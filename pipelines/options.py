@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Optional
 
 import psycopg2.extensions
 import redis.connection
-from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions,
+from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions, PortableOptions,
                                                   PrismRunnerOptions, StandardOptions)
 from apache_beam.runners.runner import PipelineRunner
 
@@ -199,6 +199,29 @@ def use_local_runner(options: PipelineOptions, streaming: bool) -> None:
         # --pipeline-arg=--experiments=...` shows whether it does, and
         # test_the_local_runner_does_not_split_bundles pins the setting.
         options.view_as(DebugOptions).add_experiment(PRISM_NO_SPLITS)
+        if streaming:
+            no_stream_deadline(options)
+
+
+# Beam's own default of --job_server_timeout (PortableOptions).
+BEAM_JOB_SERVER_TIMEOUT_S = 300
+
+
+def no_stream_deadline(options: PipelineOptions) -> None:
+    """An open-ended job must not end after --job_server_timeout.
+
+    Beam 2.77's PortableRunner (which PrismRunner submits through) opens the
+    job's state and message streams with that gRPC deadline, 300 s by
+    default: the launcher's wait then fails with DEADLINE_EXCEEDED and a
+    streaming job exits 1 after five minutes (apache/beam#35867). Left at
+    Beam's default, it becomes None (no deadline); the same value bounds only
+    the describe-options and prepare calls to Prism, which answer at once.
+    An explicit other value is kept. Delete when the runner puts no deadline
+    on the streams; test_prism_ends_a_job_at_the_job_server_timeout pins it.
+    """
+    portable = options.view_as(PortableOptions)
+    if portable.job_server_timeout == BEAM_JOB_SERVER_TIMEOUT_S:
+        portable.job_server_timeout = None
 
 
 def use_batch_runner(options: PipelineOptions, workers: int) -> Optional[PipelineRunner]:

@@ -205,3 +205,19 @@ def test_the_local_runner_does_not_split_bundles():
     use_local_runner(options, streaming=True)
     assert options.view_as(StandardOptions).runner == "PrismRunner"
     assert PRISM_NO_SPLITS in options.view_as(DebugOptions).experiments
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--job_server_timeout=600"], 600)])
+def test_the_streaming_job_has_no_deadline_on_its_state_stream_unless_asked(argv, expected):
+    """Beam's 300 s --job_server_timeout would end an open-ended job after five
+    minutes (test_prism_ends_a_job_at_the_job_server_timeout); the streaming
+    job lifts Beam's default and keeps a value the user gave."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    from pipelines.options import use_local_runner
+    prism = os.path.join(REPO, ".stack", "bin", "prism")
+    if not os.path.exists(prism):
+        pytest.skip("no Prism binary (scripts/stack.sh up builds it)")
+    options = PipelineOptions([f"--prism_path={prism}", *argv])
+    use_local_runner(options, streaming=True)
+    assert options.view_as(PortableOptions).job_server_timeout == expected

@@ -395,3 +395,23 @@ def test_prism_delivers_a_processing_time_pane_after_the_watermark_passed_its_wi
         assert sum(e[3] for e in panes if e[1].startswith(name + ":")) == 2 * len(keys), panes
     assert not [e for e in after_timer if e[1].startswith("plain:")], after_timer  # the control
     assert [e for e in after_timer if e[1].startswith("early:")], panes
+
+
+# --------------------------------------------------------------------- (f)
+
+def test_prism_ends_a_job_at_the_job_server_timeout(prism):
+    """(f) Beam 2.77's PortableRunner (under PrismRunner) puts --job_server_timeout
+    on the job's state stream as a gRPC deadline: a streaming job still running
+    when it passes fails with DEADLINE_EXCEEDED (300 s by default: every
+    open-ended job would exit 1 after five minutes). pipelines.options
+    .no_stream_deadline lifts it for the streaming job; when this test fails
+    (the job runs its 8 s to the end), that workaround can go."""
+    _, path = prism
+    opts = PipelineOptions(job_server_timeout=3)
+    opts.view_as(StandardOptions).streaming = True
+    opts.view_as(StandardOptions).runner = "PrismRunner"
+    opts.view_as(PrismRunnerOptions).prism_location = PRISM
+    start = time.time()
+    with pytest.raises(Exception, match="DEADLINE_EXCEEDED|Deadline Exceeded"):
+        with beam.Pipeline(options=opts) as p:
+            p | beam.Create([("running", start, 0.5)]) | beam.ParDo(_CountCalls(path, run_s=8.0))
