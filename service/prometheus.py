@@ -9,8 +9,8 @@ from the runner, cached ~1 s) and one lag reading into:
 | learning_events_processed | counter (``_total``) | event_type | DecodeAndValidate.valid.<event_type> |
 | schema_validation_errors | counter (``_total``) | error_code | DecodeAndValidate.dead_letters_<CODE> |
 | dlq_messages | counter (``_total``) | error_code | PublishDeadLettersFn.published.<CODE> (acknowledged by the broker) |
-| event_processing_duration | histogram, seconds | le | ReadEvents.processing_seconds_le_<b>, _sum_ms |
-| sink_write_duration | histogram, seconds | sink, le | <Sink>.write_seconds_le_<b>, _sum_ms |
+| event_processing_duration | histogram, seconds | le | ReadEvents.processing_seconds_bucket_<b>, _sum_ms |
+| sink_write_duration | histogram, seconds | sink, le | <Sink>.write_seconds_bucket_<b>, _sum_ms |
 | aggregation_window_size | gauge, rows | window | <Sink>.pane_rows.<window> (newest write over the sinks) |
 | sink_breaker_openings | counter (``_total``) | sink | <Sink>.breaker_opened |
 | consumer_lag | gauge, records | topic, partition | Kafka: end offset - group's committed offset |
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from service.job_metrics import MetricsSnapshot
 from service.lag import LagReading
-from transforms.latency import BUCKETS_S, SUM_SUFFIX, bucket_label
+from transforms.latency import SUM_SUFFIX, cumulative
 
 DECODE = "DecodeAndValidate"
 DLQ_SINK = "PublishDeadLettersFn"
@@ -36,11 +36,10 @@ PANE_SINKS = ("WriteMetricsToRedis", "WriteMetricsToPostgres")
 
 
 def histogram(snap: MetricsSnapshot, namespace: str, prefix: str) -> tuple[list, float]:
-    """Cumulative ``[(le, count)]`` for every bound, and the sum in seconds, from bucket counters.
-
-    A bucket's counter exists only once an event fell at or under its bound,
-    so a missing one is 0 (the buckets are cumulative: never below a lower one)."""
-    buckets = [(bucket_label(b), snap.counter(namespace, f"{prefix}_le_{bucket_label(b)}")) for b in BUCKETS_S]
+    """Cumulative ``[(le, count)]`` for every bound, and the sum in seconds, from the per-bucket
+    counters of transforms/latency.py (one exists only once an event fell in its bucket: a missing
+    one is 0)."""
+    buckets = cumulative(lambda name: snap.counter(namespace, name), prefix)
     return buckets, snap.counter(namespace, f"{prefix}{SUM_SUFFIX}") / 1000.0
 
 

@@ -9,7 +9,8 @@ from scripts.produce import (FAST_ANSWERS_IN_A_ROW, INJECTIONS, Injection, Traff
                              parse_injection)
 from transforms.alerts import rules
 from transforms.alerts.episodes import (ALREADY_OPEN, COOLDOWN_S, COOLING_DOWN, IGNORE, NOT_NEWER, NOTHING_OPEN,
-                                        RAISE, RESOLVE, LastResolved, OpenEpisode, alert_id, decide)
+                                        RAISE, RESOLVE, LastResolved, OpenEpisode, alert_id, decide,
+                                        needs_decision)
 from transforms.alerts.evaluate import ConceptAccuracyBook, RateBook
 from transforms.alerts.publish import alert_record
 
@@ -117,6 +118,22 @@ def test_no_new_episode_within_the_cooldown_after_one_resolved():
     assert decide(signal(False, T0 - 5 * MIN), None, resolved) == (IGNORE, COOLING_DOWN)  # a replayed window
     assert decide(signal(False, T0 + MIN + COOLDOWN_S * 1000 - MIN), None, resolved) == (IGNORE, COOLING_DOWN)
     assert decide(signal(False, T0 + MIN + COOLDOWN_S * 1000), None, resolved).action == RAISE
+
+
+def test_only_in_range_signals_with_nothing_open_skip_the_decision():
+    drop, spike = "event_rate_drop", "event_rate_spike"
+    signals = [signal(True, T0, drop, "a"),         # nothing open: skipped
+               signal(True, T0, drop, "b"),         # b is open: decided
+               signal(False, T0, spike, "a"),       # out of range: decided (another kind than the first)
+               signal(True, T0 + MIN, spike, "a"),  # may resolve what the one before raised
+               signal(True, T0 + MIN, drop, "a"),   # drop of a: still nothing open
+               signal(True, T0 + MIN, drop, "b")]
+    assert needs_decision(signals, {(drop, "b")}) == [False, True, True, True, False, True]
+    assert needs_decision(signals, set()) == [False, False, True, True, False, False]
+    # Where it skips, decide would have ignored the signal as NOTHING_OPEN, with or without a past episode.
+    for s, decided in zip(signals, needs_decision(signals, set())):
+        if not decided:
+            assert decide(s, None, LastResolved(T0 - 10 * MIN, T0 - 9 * MIN)) == (IGNORE, NOTHING_OPEN)
 
 
 def test_alert_ids_are_deterministic_per_episode_and_status():

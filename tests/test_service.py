@@ -10,9 +10,11 @@ import collections
 import logging
 import math
 
+import apache_beam as beam
 from apache_beam.metrics.cells import GaugeData, GaugeResult
 from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metricbase import MetricName
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
@@ -22,18 +24,19 @@ from pipelines.options import redact
 from service import correlation
 from service.job_metrics import MetricsSnapshot, snapshot_of
 from service.lag import LagReading, PartitionLag
-from service.prometheus import JobCollector, families, latest_panes, registry_for
+from service.prometheus import JobCollector, families, histogram, latest_panes, registry_for
 from service.status import rate, redact_options
-from transforms.latency import BUCKETS_S, bucket_label, parse_bucket_name
+from transforms.latency import BUCKETS_S, LatencyHistogram, bucket_label
 
 
 def buckets(namespace: str, prefix: str, durations_s: list[float]) -> dict:
-    """The counters LatencyHistogram would have left for ``durations_s`` (computed here, not by it)."""
+    """The counters LatencyHistogram would have left for ``durations_s`` (computed here, not by it):
+    one per bucket something fell in, (previous bound, bound]."""
     out = {}
-    for bound in BUCKETS_S:
-        n = sum(1 for d in durations_s if d <= bound)
+    for lower, bound in zip((-math.inf,) + BUCKETS_S, BUCKETS_S):
+        n = sum(1 for d in durations_s if lower < d <= bound)
         if n:
-            out[(namespace, f"{prefix}_le_{bucket_label(bound)}")] = n
+            out[(namespace, f"{prefix}_bucket_{bucket_label(bound)}")] = n
     out[(namespace, f"{prefix}_sum_ms")] = round(sum(durations_s) * 1000)
     return out
 
@@ -119,10 +122,26 @@ def test_a_snapshot_sums_committed_counters_over_steps_and_keeps_the_newest_gaug
     assert snap.gauge("G", "g") == 5
 
 
-def test_bucket_names_round_trip():
-    assert parse_bucket_name(f"processing_seconds_le_{bucket_label(0.25)}") == ("processing_seconds", "0.25")
-    assert parse_bucket_name("processing_seconds_le_+Inf") == ("processing_seconds", "+Inf")
-    assert parse_bucket_name("valid_events") is None
+class _Observe(beam.DoFn):
+    def __init__(self):
+        self.latency = LatencyHistogram("T", "wait_seconds")
+
+    def process(self, seconds_and_times):
+        self.latency.observe(*seconds_and_times)
+
+
+def test_a_latency_histogram_makes_a_counter_only_for_the_buckets_its_durations_fall_in():
+    durations = [(0.003, 1), (0.005, 2), (0.02, 1), (0.02, 3), (45.0, 1), (0.7, 0)]   # (seconds, times)
+    p = beam.Pipeline(runner=FnApiRunner())
+    _ = p | beam.Create(durations) | beam.ParDo(_Observe())
+    result = p.run()
+    result.wait_until_finish()
+    got = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
+           if c.key.metric.namespace == "T"}
+    assert got == {"wait_seconds_bucket_0.005": 3, "wait_seconds_bucket_0.025": 4, "wait_seconds_bucket_+Inf": 1,
+                   "wait_seconds_sum_ms": 3 + 10 + 20 + 60 + 45_000}
+    le = dict(histogram(MetricsSnapshot(counters={("T", k): v for k, v in got.items()}), "T", "wait_seconds")[0])
+    assert (le["0.005"], le["0.01"], le["0.025"], le["30.0"], le["+Inf"]) == (3, 3, 7, 7, 8)
 
 
 def test_options_are_shown_without_secrets():

@@ -283,3 +283,64 @@ def test_profile_signals_become_episodes_too(fresh_stack):
     assert Counter(map(key, in_postgres(fresh_stack))) == Counter(want)
     assert Counter(map(key, on_topic(fresh_stack))) == Counter(want)
     assert Counter(map(key, in_redis(fresh_stack))) == Counter(want)
+
+
+def test_a_bundle_decides_only_the_signals_that_can_change_an_episode(fresh_stack):
+    """The publisher's batch path: per bundle one query finds the open episodes of its in-range
+    signals; an in-range signal of a (kind, entity) with nothing open (and no out-of-range signal
+    before it in the bundle) is ignored as nothing_open and leaves no row, while a RAISE and the
+    RESOLVE after it in the same bundle, and the RESOLVE of an episode an earlier run opened,
+    are decided as before."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from transforms.alerts.publish import AlertTargets, PublishAlerts
+    from transforms.alerts.signal import AlertSignal
+    t = stream_end()
+
+    def rate(entity: str, i: int, in_range: bool) -> AlertSignal:
+        start = t + i * 60_000
+        return AlertSignal("event_rate_drop", "WARNING", "event_type", entity, 60, start, start + 60_000,
+                           1.0 if not in_range else 50.0, 40.0, 60.0, in_range, f"{entity} rate")
+
+    targets = AlertTargets(fresh_stack.brokers, fresh_stack.dsn, fresh_stack.redis_url,
+                           fresh_stack.topics["alerts"])
+
+    def publish(signals: list) -> dict:
+        """Runs the publisher over ``signals`` (FnApiRunner: one bundle); its Alerts counters."""
+        p = beam.Pipeline(runner=FnApiRunner())
+        _ = p | beam.Create(signals) | PublishAlerts(targets)
+        result = p.run()
+        result.wait_until_finish()
+        counters = result.metrics().query(MetricsFilter().with_namespace("Alerts"))["counters"]
+        return {c.key.metric.name: c.committed for c in counters if c.committed}
+
+    # A first run: "z" opens an episode (left open); "w" opens and closes one (its cooldown past).
+    first = publish([rate("z", -30, False), rate("w", -60, False), rate("w", -59, True)])
+    assert (first.get("raised"), first.get("resolved")) == (2, 1)
+    second = publish([
+        rate("x", 0, True), rate("x", 1, True),     # nothing open: ignored, no transaction
+        rate("w", 0, True),                         # only a resolved episode: ignored likewise
+        rate("y", 0, False), rate("y", 1, True),    # RAISE then RESOLVE within the bundle
+        rate("y", 2, True),                         # decided (y was raised in the bundle): nothing open now
+        rate("z", 1, True),                         # RESOLVEs the first run's episode
+        rate("z", 2, True),                         # decided (z was open): nothing open now
+    ])
+    assert second.get("raised") == 1 and second.get("resolved") == 2
+    assert second.get("ignored.nothing_open") == 5
+    assert second.get("published") == 3
+    want = {("RAISED", "event_rate_drop", "z", 60, t - 30 * 60_000),
+            ("RAISED", "event_rate_drop", "w", 60, t - 60 * 60_000),
+            ("RESOLVED", "event_rate_drop", "w", 60, t - 59 * 60_000),
+            ("RAISED", "event_rate_drop", "y", 60, t),
+            ("RESOLVED", "event_rate_drop", "y", 60, t + 60_000),
+            ("RESOLVED", "event_rate_drop", "z", 60, t + 60_000)}
+    rows = in_postgres(fresh_stack)
+    assert Counter(map(key, rows)) == Counter(want)          # no row for x, nor a second one for w
+    assert all(r["published"] for r in rows)
+    assert Counter(map(key, on_topic(fresh_stack))) == Counter(want)
+    by_id = {r["alert_id"]: r for r in rows}
+    closed = {(by_id[r["resolved_by"]]["entity_id"], by_id[r["resolved_by"]]["status"])
+              for r in rows if r["resolved_by"]}
+    assert closed == {("w", "RESOLVED"), ("y", "RESOLVED"), ("z", "RESOLVED")}

@@ -6,12 +6,14 @@ and closes with a RESOLVED alert on the next in-range signal of a later
 window. Everything else is ignored: one alert per episode, never one per pane.
 transforms/alerts/publish.py applies :func:`decide` inside a Postgres
 transaction that holds the (kind, entity) lock, so that Postgres, not Beam
-state, decides (and remembers across restarts).
+state, decides (and remembers across restarts). :func:`needs_decision` tells it
+beforehand which signals of a bundle cannot do anything (in range, nothing open),
+so that those cost no transaction.
 """
 from __future__ import annotations
 
 import uuid
-from typing import NamedTuple, Optional
+from typing import Collection, NamedTuple, Optional, Sequence
 
 from transforms.alerts.signal import AlertSignal
 
@@ -57,6 +59,25 @@ def decide(signal: AlertSignal, open_episode: Optional[OpenEpisode],
     if signal.window_start_ms <= open_episode.window_start_ms:
         return Decision(IGNORE, NOT_NEWER)  # an older window's pane, seen again (a restart) or late
     return Decision(RESOLVE)
+
+
+def needs_decision(signals: Sequence[AlertSignal], open_keys: Collection[tuple[str, str]]) -> list[bool]:
+    """For each of ``signals`` (in the order they will be decided): whether it must be decided.
+
+    ``open_keys``: the (kind, entity_id) pairs with an open episode before the first of them.
+    False only for an in-range signal of a (kind, entity) that has no open episode and no
+    out-of-range signal before it in ``signals``: :func:`decide` ignores it (NOTHING_OPEN)
+    whatever the last resolved episode. An out-of-range signal may open an episode that a later
+    signal of the same (kind, entity) resolves, so from there on every one of them is decided.
+    """
+    live = set(open_keys)
+    out = []
+    for signal in signals:
+        key = (signal.kind, signal.entity_id)
+        if not signal.in_range:
+            live.add(key)
+        out.append(key in live)
+    return out
 
 
 def alert_id(signal: AlertSignal, status: str) -> str:

@@ -2,7 +2,15 @@
 
     signals | PublishAlerts(AlertTargets(brokers, alerts_topic, postgres_dsn, redis_url, retry))
 
-Each signal is decided by :func:`transforms.alerts.episodes.decide` in a
+Most signals are in range for a (kind, entity) with no open episode, and
+change nothing; so per bundle one query first finds which (kind, entity) of
+its in-range signals have an open episode, and an in-range signal with none
+(and no out-of-range signal of its (kind, entity) before it in the bundle:
+:func:`transforms.alerts.episodes.needs_decision`) is ignored as
+``nothing_open`` without a transaction. That is the decision a locked
+transaction would have made at the query's time, and it writes nothing, so
+no guarantee below depends on it. Every other signal is decided by
+:func:`transforms.alerts.episodes.decide` in a
 Postgres transaction that holds the (kind, entity) advisory lock; an alert it
 makes is a row of ``alerts`` (schemas/postgres.sql) inserted with ``ON
 CONFLICT DO NOTHING RETURNING``: the id is deterministic (uuid5 of kind,
@@ -37,7 +45,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -48,7 +56,8 @@ from schemas.postgres import ALERT_LOCK, ALERT_OWNER_LOCK
 from schemas.serving import RECENT_ALERTS_KEPT, RECENT_ALERTS_KEY
 from schemas.topics import ALERTS_TOPIC
 from schemas.wire import encode_avro, plain_parsed, produce_waiting
-from transforms.alerts.episodes import (IGNORE, RAISE, RESOLVE, LastResolved, OpenEpisode, alert_id, decide)
+from transforms.alerts.episodes import (IGNORE, NOTHING_OPEN, RAISE, RESOLVE, LastResolved, OpenEpisode, alert_id,
+                                        decide, needs_decision)
 from transforms.alerts.signal import AlertSignal
 from transforms.sinks.resilience import BreakerCounters, CircuitBreaker, SinkRetryConfig
 
@@ -140,6 +149,19 @@ class AlertStore:
                         (record["alert_id"], open_episode.alert_id))
             return RESOLVE, record
 
+    def open_keys(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of ``keys`` (kind, entity_id) have an open episode now: one query, no lock."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        kinds, entities = zip(*keys)
+        with self.conn, self.conn.cursor() as cur:
+            cur.execute("SELECT a.kind, a.entity_id FROM alerts a "
+                        "JOIN unnest(%s::text[], %s::text[]) AS k(kind, entity_id) "
+                        "ON a.kind = k.kind AND a.entity_id = k.entity_id "
+                        "WHERE a.status = 'RAISED' AND a.resolved_by IS NULL", (list(kinds), list(entities)))
+            return {(kind, entity) for kind, entity in cur.fetchall()}
+
     def unpublished(self) -> list[dict]:
         """Unpublished rows of this owner (not in flight: a publisher publishes before it sweeps)
         and of owners that are gone (their advisory lock is free)."""
@@ -162,8 +184,9 @@ class AlertStore:
 
 
 class PublishAlertsFn(beam.DoFn):
-    """Input: AlertSignals. Decides each in Postgres; at the end of the bundle publishes the new
-    alerts to Kafka and Redis and marks them published. Outputs nothing."""
+    """Input: AlertSignals. At the end of the bundle decides them in Postgres (those that can
+    change nothing with one query for the bundle, the others one transaction each), publishes
+    the new alerts to Kafka and Redis and marks them published. Outputs nothing."""
 
     def __init__(self, targets: AlertTargets):
         self.t = targets
@@ -255,9 +278,15 @@ class PublishAlertsFn(beam.DoFn):
 
     def finish_bundle(self):
         # In window order, so that one entity's RAISED comes before its RESOLVED.
+        # (sorted is stable: one window's signals of an entity keep their arrival order.)
         signals, self.pending = sorted(self.pending, key=lambda s: (s.window_start_ms, s.kind, s.entity_id)), []
+        in_range = {(s.kind, s.entity_id) for s in signals if s.in_range}
+        open_keys = self._store_call(lambda store: store.open_keys(in_range)) if in_range else set()
         new = []
-        for signal in signals:
+        for signal, decided in zip(signals, needs_decision(signals, open_keys)):
+            if not decided:
+                self._ignore(NOTHING_OPEN)
+                continue
             outcome, record = self._store_call(lambda store: store.record(signal))
             if record is not None:
                 new.append(record)

@@ -2,7 +2,7 @@
 
 Beam metrics of the sink's namespace (read live by the service, service/job_metrics.py):
 
-    write_seconds_le_<bound>, write_seconds_sum_ms   write latency histogram (transforms/latency.py)
+    write_seconds_bucket_<bound>, write_seconds_sum_ms   write latency histogram (transforms/latency.py)
     pane_rows.<label>            gauge: rows (entities) in the pane written last, per window size
     pane_window_start_ms.<label> gauge: that pane's window start, epoch ms
     pane_written_at_ms.<label>   gauge: when it was written, epoch ms
