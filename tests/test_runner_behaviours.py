@@ -397,6 +397,21 @@ def test_prism_delivers_a_processing_time_pane_after_the_watermark_passed_its_wi
     assert [e for e in after_timer if e[1].startswith("early:")], panes
 
 
+def test_beam_asks_whether_it_runs_in_ipython_while_a_job_is_built_and_run(monkeypatch):
+    """pipelines/replay.py's _ask_beam_about_ipython_now: Beam 2.77 asks is_in_ipython()
+    (an IPython import, where installed) as transforms are applied and as Pipeline.run
+    ends, i.e. inside a replay's job time. When this fails, Beam no longer asks: the
+    warm-up can go."""
+    import apache_beam.pipeline as beam_pipeline
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    asked = []
+    real = beam_pipeline.is_in_ipython
+    monkeypatch.setattr(beam_pipeline, "is_in_ipython", lambda: asked.append(1) or real())
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        _ = p | beam.Create([1, 2]) | beam.Map(lambda x: x + 1)
+    assert asked, "Beam no longer asks is_in_ipython() while building and running a job"
+
+
 # --------------------------------------------------------------------- (f)
 
 def test_prism_ends_a_job_at_the_job_server_timeout(prism):

@@ -92,12 +92,13 @@ class EventValidator:
                 f"first byte is 0x{value[0]:02x}: expected 0x00 (Confluent-framed Avro) "
                 "or '{' (a JSON object); check the producer's serializer",
                 correlation_id=record.header("correlation_id"))
-        correlation = fields.get("correlation_id") or record.header("correlation_id")
         try:
             _check_storable(fields)
             self._check_semantics(subject, fields)
         except InvalidRecord as e:
-            e.event_type, e.correlation_id = subject.event_type, correlation
+            # Looked up only for a dead letter: a header scan per valid record costs more than its decode's checks.
+            e.event_type = subject.event_type
+            e.correlation_id = fields.get("correlation_id") or record.header("correlation_id")
             raise
         return Event(subject.event_type, fields["occurred_at"], fields,
                      subject.writer.schema_id, subject.writer.version,
@@ -116,11 +117,11 @@ class EventValidator:
         return subject
 
     def _decode_avro(self, record: KafkaRecord, value: bytes) -> tuple[_Subject, dict]:
-        header = record.header("correlation_id")
         if len(value) < HEADER.size:
             raise InvalidRecord(ErrorCode.BAD_FRAMING,
                                 f"Avro record is {len(value)} bytes, shorter than the 5-byte "
-                                "Confluent header (magic byte + schema id)", correlation_id=header)
+                                "Confluent header (magic byte + schema id)",
+                                correlation_id=record.header("correlation_id"))
         schema_id = HEADER.unpack_from(value)[1]
         try:
             subject = self._subject_for_id(schema_id)
@@ -128,7 +129,7 @@ class EventValidator:
             raise InvalidRecord(ErrorCode.UNKNOWN_SCHEMA_ID,
                                 f"schema id {schema_id} is not an event schema of schemas/registry.json; "
                                 "register the producer's schema or fix its serializer config",
-                                correlation_id=header) from None
+                                correlation_id=record.header("correlation_id")) from None
         buf = io.BytesIO(value)
         buf.seek(HEADER.size)
         try:
@@ -137,12 +138,12 @@ class EventValidator:
             raise InvalidRecord(ErrorCode.AVRO_DECODE_ERROR,
                                 f"body does not decode as {subject.event_type} v{subject.writer.version} "
                                 f"(schema id {schema_id}): {type(e).__name__}: {e}",
-                                subject.event_type, header) from None
+                                subject.event_type, record.header("correlation_id")) from None
         if buf.tell() != len(value):
             raise InvalidRecord(ErrorCode.AVRO_DECODE_ERROR,
                                 f"{len(value) - buf.tell()} trailing bytes after a {subject.event_type} "
                                 f"record (schema id {schema_id}): the body was written with another schema",
-                                subject.event_type, header)
+                                subject.event_type, record.header("correlation_id"))
         return subject, fields
 
     # -- JSON ---------------------------------------------------------------

@@ -108,7 +108,7 @@ def _print_drains(dr: Optional[dict], events: int) -> None:
 
 def _print_rates(t: dict) -> None:
     a, s = t.get("pipeline_all_sinks", {}), t.get("pipeline_sinks_off", {})
-    replay = t.get("replay_to_parquet", {})
+    replay, replay1 = t.get("replay_to_parquet", {}), t.get("replay_to_parquet_1_worker", {})
     base = t.get("baseline", {}).get("events_per_s")
     rows = [("pipeline, all sinks: end to end  N/(last agg - first read - idle)", a.get("end_to_end_events_per_s")),
             ("pipeline, all sinks: ingest      N/(max - min ingested_at)", a.get("ingest_events_per_s")),
@@ -119,11 +119,16 @@ def _print_rates(t: dict) -> None:
              s.get("wall_events_per_s_startup_first_commit")),
             ("pipeline, sinks off: wall only   N/wall", s.get("wall_only_events_per_s")),
             ("replay to Parquet, 2 workers: N/job time (pipeline.run to done)", replay.get("events_per_s_job")),
-            ("replay to Parquet, 2 workers: N/wall (incl. range lookup, start-up)", replay.get("events_per_s_wall"))]
+            ("replay to Parquet, 2 workers: N/wall (incl. range lookup, start-up)", replay.get("events_per_s_wall")),
+            ("replay to Parquet, 1 worker:  N/job time (pipeline.run to done)", replay1.get("events_per_s_job")),
+            ("replay to Parquet, 1 worker:  N/wall (incl. range lookup, start-up)", replay1.get("events_per_s_wall"))]
     p(f"\n{'':82s} {'events/s':>10s} {'/ baseline':>10s}")
     p(f"{'baseline: plain loop (confluent_kafka + fastavro + dicts)':82s} {fmt(base):>10s} {'1.000':>10s}")
     for name, v in rows:
         p(f"{name:82s} {fmt(v):>10s} {ratio(v, base):>10s}")
+    if replay.get("events_per_s_job") or replay1.get("events_per_s_job"):
+        p(f"replay scaling, 2 workers / 1 worker: job time {ratio(replay.get('events_per_s_job'), replay1.get('events_per_s_job'))}, "
+          f"wall {ratio(replay.get('events_per_s_wall'), replay1.get('events_per_s_wall'))}")
 
 
 def _print_throughput(t: Optional[dict]) -> None:

@@ -1,4 +1,5 @@
-"""``python -m pipelines.replay`` of every offset produced, to Parquet, on both cores."""
+"""``python -m pipelines.replay`` of every offset produced, to Parquet, with 2 worker processes
+and with 1 (how the batch runner scales from one core to two)."""
 from __future__ import annotations
 
 import json
@@ -23,19 +24,20 @@ def _figures(out: str, wall: float) -> dict:
             "events_per_s_wall": round(manifest["valid_events"] / wall)}
 
 
-def run_replay(bench: Bench, n: int, timeout: float) -> dict:
-    """In: the stack with ``n`` produced events and a timeout (s). Out: exit code, wall time,
-    events, job time and events/s (per job time and per wall time), or an error."""
-    log("replay to Parquet (batch runner, one worker per core)")
+def run_replay(bench: Bench, n: int, timeout: float, workers: int = 2) -> dict:
+    """In: the stack with ``n`` produced events, a timeout (s) and the worker processes.
+    Out: exit code, workers, wall time, events, job time and events/s (per job time and per
+    wall time), or an error."""
+    log(f"replay to Parquet (batch runner, {workers} worker{'s' if workers > 1 else ''})")
     out = os.path.join(tempfile.mkdtemp(prefix="bench-replay-"), "ds")
     cmd = [sys.executable, "-m", "pipelines.replay", f"--brokers={bench.brokers}",
            f"--topics={','.join(bench.event_topics())}", f"--postgres_dsn={bench.dsn}",
            "--start=2000-01-01T00:00:00Z", f"--end={datetime.now(timezone.utc).isoformat()}",
-           f"--output={out}"]
+           f"--output={out}", f"--workers={workers}"]
     began = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.monotonic() - began
-    result = {"exit_code": proc.returncode, "wall_s": round(wall, 2)}
+    result = {"exit_code": proc.returncode, "workers": workers, "wall_s": round(wall, 2)}
     try:
         result.update(_figures(out, wall))
     except (OSError, KeyError, ValueError) as e:

@@ -15,9 +15,9 @@ from scripts.benchmark.common import loadavg
 class Report:
     """command; environment (cpus, load averages, python); isolation (suffix, topics, schema,
     redis_url); errors; throughput (events, produce, baseline, pipeline_all_sinks,
-    pipeline_sinks_off, check, drains, replay_to_parquet), latency (see
-    ``latency.run_latency``), memory (see ``memory.run_memory``), cleanup problems and
-    runtime. A section not run is None."""
+    pipeline_sinks_off, check, drains, replay_to_parquet (2 workers),
+    replay_to_parquet_1_worker), latency (see ``latency.run_latency``), memory (see
+    ``memory.run_memory``), cleanup problems and runtime. A section not run is None."""
     command: str
     environment: dict
     isolation: dict
