@@ -52,6 +52,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas.settings import LOCAL_STACK
+from transforms import latency_trace
 from transforms.latency import LatencyHistogram
 from transforms.records import KafkaRecord
 
@@ -166,6 +167,8 @@ class KafkaReadConfig:
     stall_exit_s: Optional[float] = None
     start_from: str = "committed"  # committed offsets, else earliest; or "earliest"/"latest"
     consumer_config: dict = field(default_factory=dict)
+    # Debug: append when each poll read which events here (transforms.latency_trace).
+    trace_path: Optional[str] = None
 
     def consumer(self) -> Consumer:
         conf = {"bootstrap.servers": self.brokers, "group.id": self.group_id,
@@ -599,6 +602,11 @@ class ReadPartitionFn(beam.DoFn):
             offsets.update(records[-1].offset)
             newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             call.advance(newest - lag)
+            if self.config.trace_path is not None:
+                read = latency_trace.by_window(r.timestamp_ms for r in records)
+                latency_trace.record(self.config.trace_path, "poll", read)
+                for w, n in read.items():
+                    call.traced[w] = call.traced.get(w, 0) + n
             yield TimestampedValue(records, self._horizon(watermark))
             self.processing.observe(time.monotonic() - polled_at, len(records))
             if bounded:
@@ -738,8 +746,10 @@ class ReadPartitionFn(beam.DoFn):
         offset = TopicPartition(reader.topic, reader.partition, call.next_offset,
                                 metadata=str(since)) if commit else None
         read_id, partitions, to = self.read_id, self.partitions, call.watermark
+        trace_path, traced = self.config.trace_path, call.traced
 
         def finalize():
+            latency_trace.record(trace_path, "handed", traced)
             if offset is not None:
                 commits.commit(offset)
             if to is not None:
@@ -755,6 +765,7 @@ class _CallOutcome:
         self.started_ms = int(time.time() * 1000)
         self.next_offset: Optional[int] = None
         self.watermark: Optional[Timestamp] = None
+        self.traced: dict = {}  # --latency_trace only: records read, by 1-minute window
 
     def advance(self, to: Timestamp) -> None:
         if self.watermark is None or to > self.watermark:
