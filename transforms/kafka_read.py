@@ -335,6 +335,7 @@ class _PartitionReader:
         self.trouble = None  # the error of an ongoing broker outage, logged once
         self.last_idle_commit_at = time.monotonic()
         self.behind_since: Optional[float] = None  # polls empty while the log has more
+        self.known_end = -1  # the end of log the broker last reported to end_offset()
         self.in_use = threading.Lock()  # one call at a time (see _Readers)
 
     def got_records(self) -> None:
@@ -379,7 +380,16 @@ class _PartitionReader:
         if self.trouble is not None:
             LOG.warning("Kafka %s[%d]: the broker answers again", self.topic, self.partition)
             self.trouble = None
+        self.known_end = max(self.known_end, high)
         return high
+
+    def records_there(self, stop: int) -> Optional[int]:
+        """How many records the broker is known to hold past our position, up to
+        ``stop`` (from the last fetch response or end_offset(), no broker call);
+        None when neither has told."""
+        high = max(self.known_end, self.consumer.get_watermark_offsets(
+            TopicPartition(self.topic, self.partition), cached=True)[1])
+        return None if high < 0 else max(0, min(high, stop) - self.position)
 
     def broker_trouble(self, error) -> None:
         """Logs the first error of an outage once; the reader keeps waiting."""
@@ -628,9 +638,18 @@ class ReadPartitionFn(beam.DoFn):
     def _poll(self, reader: _PartitionReader, stop: int, wait: bool) -> list[KafkaRecord]:
         # Caught up, a live read takes what the consumer has fetched in the
         # background (the checkpoint's resume delay bounds how often); behind,
-        # it waits for the rest.
-        timeout = self.config.poll_timeout_s if wait else 0
-        messages = reader.consumer.consume(self.config.batch_size, timeout=timeout)
+        # it waits for the rest, but only for the records the broker is known to
+        # hold: consume() returns once it has as many as asked, or at the
+        # timeout, so asking a full batch of a partition with a few hundred new
+        # records waited the whole poll_timeout_s (per partition, per call: most
+        # of the live latency). A backlog still gets full batches.
+        timeout, count = 0, self.config.batch_size
+        if wait:
+            timeout = self.config.poll_timeout_s
+            there = reader.records_there(stop)
+            if there:
+                count = min(count, there)
+        messages = reader.consumer.consume(count, timeout=timeout)
         records = []
         for m in messages:
             err = m.error()
