@@ -657,6 +657,8 @@ class AccumulatePanes(beam.DoFn):
         total.write(state._replace(closed=True, panes=state.panes + 1))
         if self.expire:
             timer.set(_max_timestamp(key) + self.allowed_lateness)
+        if self.trace_path is not None and key[2] - key[1] == latency_trace.TRACE_WINDOW_MS:
+            latency_trace.record(self.trace_path, "pane", {key[1]: overall_events(state.partial)}, total=True)
         yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial, window_seconds=_seconds(key)))
 
     def _catching_up(self, key) -> bool:
