@@ -407,3 +407,17 @@ def test_the_latency_trace_counts_every_event_at_each_stage(tmp_path):
     minute = BASE_MS - BASE_MS % (60 * S)
     assert dict(sums) == {(stage, w): n for stage in ("fold", "fired", "pane")
                           for w, n in ((minute, 5.0), (minute + 60 * S, 2.0))}
+
+
+def test_a_sub_second_early_firing_reaches_the_runner_in_milliseconds():
+    """--early_firing 0.5: the 1-minute window's early trigger fires after 500 ms (the
+    SDK's own AfterProcessingTime cannot say so in its proto); larger windows keep
+    their floor of size / 60 seconds."""
+    from apache_beam.runners.pipeline_context import PipelineContext
+    metrics = WindowedMetrics(window_sizes_s=(60, 300, 3600), early_firing_s=0.5)
+    assert [metrics.early_delay_s(s) for s in (60, 300, 3600)] == [0.5, 5, 60]
+    delays = [metrics._trigger(s).to_runner_api(PipelineContext()) for s in (60, 300)]
+    millis = [d.after_end_of_window.early_firings.after_processing_time.timestamp_transforms[0].delay.delay_millis
+              for d in delays]
+    assert millis == [500, 5000]
+    assert WindowedMetrics(window_sizes_s=(60,), early_firing_s=5).early_delay_s(60) == 5  # as before

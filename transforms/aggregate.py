@@ -42,6 +42,7 @@ import apache_beam as beam
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
@@ -689,6 +690,18 @@ def _seed_pane(seed, size: int, label: str):
         yield TimestampedValue(((label, start, start + size * 1000), partial), start / 1000.0)
 
 
+class _AfterProcessingTime(trigger.AfterProcessingTime):
+    """AfterProcessingTime with a delay in fractions of a second: Beam 2.77's
+    Python SDK writes ``delay * 1000`` into the proto's integer delay_millis,
+    which refuses a float such as 500.0 (pinned by
+    tests/test_aggregate.py::test_a_sub_second_early_firing_reaches_the_runner_in_milliseconds)."""
+
+    def to_runner_api(self, context):
+        api = beam_runner_api_pb2
+        delay = api.TimestampTransform(delay=api.TimestampTransform.Delay(delay_millis=int(round(self.delay * 1000))))
+        return api.Trigger(after_processing_time=api.Trigger.AfterProcessingTime(timestamp_transforms=[delay]))
+
+
 class WindowedResult(NamedTuple):
     panes: dict                # window label -> PCollection of WindowAggregate
     too_late: PCollection      # of DeadLetter (TOO_LATE)
@@ -706,9 +719,12 @@ class WindowedMetrics(beam.PTransform):
     on their way out (a Flatten of differently windowed inputs is a stage of its own).
 
     ``early_firing_s``: processing-time delay between early panes (real-time
-    values before the window closes) of the finest windows; a window of size S
-    fires early at most every max(early_firing_s, min(S / 60, 60)) seconds,
-    because each early pane rewrites the entities it touched in the sinks.
+    values before the window closes) of the finest windows (1 minute or less),
+    in seconds, fractions allowed (to the millisecond): the latency of the
+    1-minute values is this plus the read and the runner's hand-overs; a
+    larger window of size S fires early at most every max(early_firing_s,
+    min(S / 60, 60)) seconds, because each early pane rewrites the entities it
+    touched in the sinks.
     None: no early panes (a bounded job, whose watermark closes every
     window). ``allowed_lateness_s``: how long after a window closes late events
     still refire it; later ones are dead letters (TOO_LATE).
@@ -723,7 +739,7 @@ class WindowedMetrics(beam.PTransform):
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
-                 early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
+                 early_firing_s: Optional[float] = 5, allowed_lateness_s: int = 3600,
                  catch_up_after_s: Optional[float] = None, expire_state: bool = True,
                  ledger: Optional[WindowLedger] = None, seeds: Optional[beam.PTransform] = None,
                  dead_lettered: frozenset = frozenset(), retry: Optional["SinkRetryConfig"] = None,
@@ -737,15 +753,17 @@ class WindowedMetrics(beam.PTransform):
         self.allowed_lateness_s = allowed_lateness_s
         self.ledger, self.seeds, self.dead_lettered, self.retry = ledger, seeds, dead_lettered, retry
 
-    def early_delay_s(self, size_s: int) -> int:
-        return int(max(self.early_firing_s, min(size_s // 60, 60)))
+    def early_delay_s(self, size_s: int) -> float:
+        """Seconds between early panes of windows of ``size_s``, to the millisecond."""
+        delay = self.early_firing_s if size_s <= 60 else max(self.early_firing_s, min(size_s // 60, 60))
+        return round(delay, 3)
 
     def _trigger(self, size_s: int) -> trigger.TriggerFn:
         if self.early_firing_s is None:
             return trigger.DefaultTrigger()  # one pane as the watermark passes (bounded jobs)
         # AccumulatePanes tells early, on-time and late apart itself (by its
         # timer); the trigger only decides when partials move on.
-        return trigger.AfterWatermark(early=trigger.AfterProcessingTime(self.early_delay_s(size_s)),
+        return trigger.AfterWatermark(early=_AfterProcessingTime(self.early_delay_s(size_s)),
                                       late=trigger.AfterCount(1))
 
     def _seed_panes(self, pipeline) -> dict:
