@@ -229,7 +229,7 @@ def _stop(live: _Live, stop_timeout: float) -> None:
     res["stderr_tail"] = tail("\n".join(l for l in job.stderr().splitlines() if "Key coder" not in l), 12)
 
 
-def _start(bench: Bench, res: dict) -> _Live:
+def _start(bench: Bench, res: dict, early_firing_s: float) -> _Live:
     r = redis.Redis.from_url(bench.redis_url)
     r.flushdb()
     group = bench.group("latency")
@@ -237,8 +237,10 @@ def _start(bench: Bench, res: dict) -> _Live:
     sender = LiveSender(bench.brokers, bench.topics)
     fd, trace = tempfile.mkstemp(prefix="latency-trace-", suffix=".jsonl")
     os.close(fd)
-    job = Job(bench.pipeline_args(group, start_from="latest", early_firing=1, latency_trace=trace), "latency")
-    log(f"latency: pid {job.proc.pid}: streaming job, --start_from latest --early_firing 1, all sinks")
+    job = Job(bench.pipeline_args(group, start_from="latest", early_firing=early_firing_s, latency_trace=trace),
+              "latency")
+    log(f"latency: pid {job.proc.pid}: streaming job, --start_from latest --early_firing {early_firing_s:g}, "
+        "all sinks")
     watcher = OffsetWatcher(bench.brokers, group, bench.event_topics(), 1)
     watcher.start()
     return _Live(bench, res, job, sender, RedisPoller(bench.redis_url), watcher, r, trace_path=trace)
@@ -246,13 +248,13 @@ def _start(bench: Bench, res: dict) -> _Live:
 
 def run_latency(bench: Bench, seconds: float, rate: float, ready_timeout: float = 90.0,
                 drain_s: float = 30.0, stop_timeout: float = 60.0, warmup_rate: float = 20.0,
-                ready_sleep: float = 0.0) -> dict:
+                ready_sleep: float = 0.0, early_firing_s: float = 1.0) -> dict:
     """In: the stack, how long and how fast to send, the readiness/drain/stop bounds.
     Out: the run's figures (percentiles, per-window counts, readiness, stop), or an error."""
     n = max(1, int(seconds * rate))
-    res: dict = {"rate": rate, "seconds": seconds, "events": n, "early_firing_s": 1}
+    res: dict = {"rate": rate, "seconds": seconds, "events": n, "early_firing_s": early_firing_s}
     templates = event_templates(n + int(ready_timeout * warmup_rate) + 10, seed=4242)
-    live = _start(bench, res)
+    live = _start(bench, res, early_firing_s)
     try:
         _wait_ready(live, templates[n:], ready_timeout, warmup_rate, ready_sleep)
         _send_measured(live, templates[:n], rate)

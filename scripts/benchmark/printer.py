@@ -192,7 +192,8 @@ def _print_latency(lat: Optional[dict]) -> None:
     if not lat:
         return
     p(f"\n-- latency: {lat.get('events', 0):,} events at {lat.get('rate')}/s for {lat.get('seconds')}s "
-      f"(achieved {fmt(lat.get('achieved_rate'))}/s), event time = send time, --early_firing 1, all sinks")
+      f"(achieved {fmt(lat.get('achieved_rate'))}/s), event time = send time, "
+      f"--early_firing {lat.get('early_firing_s', 1):g}, all sinks")
     _print_readiness(lat)
     _print_latencies(lat)
     _print_stages(lat)
