@@ -95,8 +95,10 @@ class AnalyticsOptions(PipelineOptions):
                        help="comma-separated window sizes in seconds [WINDOW_SIZE_MS replaces the first]")
         g.add_argument("--allowed_lateness", type=lenient(int), default=3600,
                        help="seconds after a window closes in which late events still update it")
-        g.add_argument("--early_firing", type=lenient(int), default=5,
-                       help="seconds between early (speculative) panes of an open window")
+        g.add_argument("--early_firing", type=lenient(float), default=5,
+                       help="seconds between early (speculative) panes of an open 1-minute window, "
+                            "fractions allowed (e.g. 0.5 for lower latency, at more sink writes); "
+                            "larger windows fire at most every max(this, size / 60 up to 60) s")
         g.add_argument("--max_out_of_orderness", type=lenient(float), default=5.0,
                        help="seconds the watermark trails the newest record time")
         g.add_argument("--max_future", type=lenient(int), default=300,
@@ -259,8 +261,9 @@ NUMERIC_OPTIONS = {
     "batch_size": _Number(int, 1, True, 1_000_000, "a whole number of records per Kafka poll from 1 "
                                                    "to 1000000, e.g. 2000"),
     "allowed_lateness": _Number(int, 0, True, None, "a whole number of seconds, 0 or more, e.g. 3600"),
-    # 0 would ask for early panes continuously.
-    "early_firing": _Number(int, 1, True, None, "a whole number of seconds, 1 or more, e.g. 5"),
+    # 0 would ask for early panes continuously; below 0.1 s the sinks would rewrite the
+    # same rows many times a second.
+    "early_firing": _Number(float, 0.1, True, None, "a number of seconds, 0.1 or more, e.g. 5 or 0.5"),
     "max_out_of_orderness": _Number(float, 0, True, None, "a number of seconds, 0 or more, e.g. 5"),
     "max_future": _Number(int, 0, True, None, "a whole number of seconds, 0 or more, e.g. 300"),
     "until_idle": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 10"),

@@ -78,6 +78,10 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--profiles", default="true", choices=["true", "false"],
                             help="keep learner behaviour profiles in Postgres learner_profiles and Redis "
                                  "(analytics:profile:<user>), and the fast-answers alert rule")
+        parser.add_argument("--latency_trace", default=None, metavar="PATH",
+                            help="debug: append to PATH, per bundle, when events of each 1-minute window "
+                                 "were polled, folded, fired by the trigger and emitted as a pane "
+                                 "(transforms/latency_trace.py; the latency benchmark reads it)")
 
 
 def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
@@ -85,7 +89,7 @@ def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
     return KafkaReadConfig(brokers=opts.brokers, group_id=opts.group_id, batch_size=opts.batch_size,
                            max_out_of_orderness_s=opts.max_out_of_orderness,
                            idle_timeout_s=sopts.until_idle, start_from=sopts.start_from,
-                           stall_exit_s=float(sopts.stall_timeout) or None)
+                           stall_exit_s=float(sopts.stall_timeout) or None, trace_path=sopts.latency_trace)
 
 
 def resume(opts: AnalyticsOptions) -> ResumePoint:
@@ -100,7 +104,7 @@ def windows(opts: AnalyticsOptions, point: ResumePoint) -> WindowedMetrics:
         opts.window_sizes_s(), early_firing_s=opts.early_firing, allowed_lateness_s=opts.allowed_lateness,
         catch_up_after_s=CATCH_UP_AFTER_S, expire_state=opts.view_as(StreamingOptions).until_idle is None,
         ledger=point.ledger, seeds=point.read_seeds(), dead_lettered=point.dead_lettered,
-        retry=opts.sink_retry_config())
+        retry=opts.sink_retry_config(), trace_path=opts.view_as(StreamingOptions).latency_trace)
 
 
 def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:

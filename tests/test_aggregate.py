@@ -383,3 +383,41 @@ def last_values_are(want):
 
 def only_public_families(families):
     assert set(families) == {"overall", "concept", "user"}, set(families)
+
+
+def test_the_latency_trace_counts_every_event_at_each_stage(tmp_path):
+    """--latency_trace (transforms.latency_trace): the fold, fired and pane lines of a
+    1-minute window add up to the events in it; the 5-minute window is not traced."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    import json
+    trace = tmp_path / "trace.jsonl"
+    batches = [[event("question_answered", answer(BASE_MS + i * S, user=f"u{i % 3}")) for i in range(5)],
+               [event("session_started", {"occurred_at": BASE_MS + 61 * S, "user_id": "u1", "session_id": "s"})],
+               [event("question_answered", answer(BASE_MS + 70 * S, user="u2"))]]
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        _ = (p | beam.Create(batches)
+             | WindowedMetrics(window_sizes_s=(60, 300), early_firing_s=None, trace_path=str(trace)))
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    sums = defaultdict(float)
+    for line in lines:
+        if line.get("total"):
+            sums[(line["s"], line["w"])] = max(sums[(line["s"], line["w"])], line["n"])
+        else:
+            sums[(line["s"], line["w"])] += line["n"]
+    minute = BASE_MS - BASE_MS % (60 * S)
+    assert dict(sums) == {(stage, w): n for stage in ("fold", "fired", "pane")
+                          for w, n in ((minute, 5.0), (minute + 60 * S, 2.0))}
+
+
+def test_a_sub_second_early_firing_reaches_the_runner_in_milliseconds():
+    """--early_firing 0.5: the 1-minute window's early trigger fires after 500 ms (the
+    SDK's own AfterProcessingTime cannot say so in its proto); larger windows keep
+    their floor of size / 60 seconds."""
+    from apache_beam.runners.pipeline_context import PipelineContext
+    metrics = WindowedMetrics(window_sizes_s=(60, 300, 3600), early_firing_s=0.5)
+    assert [metrics.early_delay_s(s) for s in (60, 300, 3600)] == [0.5, 5, 60]
+    delays = [metrics._trigger(s).to_runner_api(PipelineContext()) for s in (60, 300)]
+    millis = [d.after_end_of_window.early_firings.after_processing_time.timestamp_transforms[0].delay.delay_millis
+              for d in delays]
+    assert millis == [500, 5000]
+    assert WindowedMetrics(window_sizes_s=(60,), early_firing_s=5).early_delay_s(60) == 5  # as before

@@ -42,6 +42,7 @@ import apache_beam as beam
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.pvalue import PCollection, TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
@@ -51,6 +52,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import settings
+from transforms import latency_trace
 from transforms.dead_letters import event_dead_letter
 from transforms.ledger import LedgerRow, WindowLedger, write_rows
 from transforms.records import DeadLetter, Event
@@ -160,6 +162,12 @@ WINDOW_SIZES_S = settings.WINDOW_SIZES_S  # the default; jobs take theirs from -
 Partial = dict
 
 
+def overall_events(partial: Partial) -> float:
+    """The overall event count of a window's Partial (0 if it holds none)."""
+    row = partial.get(OVERALL, {}).get(OVERALL_ENTITY)
+    return row[_OVERALL_EVENTS] if row else 0
+
+
 def window_label(size_s: int) -> str:
     return f"{size_s // 86400}d" if size_s % 86400 == 0 else (
         f"{size_s // 3600}h" if size_s % 3600 == 0 else (
@@ -179,6 +187,7 @@ def _compile_rules() -> dict[str, list[tuple[str, str | None, list[tuple[int, In
 
 
 _COMPILED = _compile_rules()
+_OVERALL_EVENTS = COUNTERS[OVERALL].index("events")
 _WIDE_COMPILED = {event_type: [(family, entity_of, [(COUNTERS[family].index(name), inc)
                                                     for name, inc in increments.items()])
                                for family, entity_of, increments in rules]
@@ -426,13 +435,15 @@ class FoldIntoWindows(beam.DoFn):
     partials are written to the window ledger (one transaction, at the end of
     the bundle: before the reader commits the offsets, see transforms.ledger),
     so that a restart can start every window from its total.
+
+    ``trace_path``: debug, see transforms.latency_trace (stage ``fold``).
     """
 
     def __init__(self, sizes_s: tuple[int, ...], ledger: Optional[WindowLedger] = None,
-                 retry: Optional["SinkRetryConfig"] = None):
+                 retry: Optional["SinkRetryConfig"] = None, trace_path: Optional[str] = None):
         self.sizes_ms = tuple(s * 1000 for s in sizes_s)
         self.labels = {s * 1000: window_label(s) for s in sizes_s}
-        self.ledger, self.retry = ledger, retry
+        self.ledger, self.retry, self.trace_path = ledger, retry, trace_path
         self.partials_emitted = Metrics.counter("WindowedMetrics", "partials_emitted")
         self.ledger_rows = Metrics.counter("WindowedMetrics", "ledger_rows_written")
         self.fold_errors = Metrics.counter("WindowedMetrics", "fold_errors")
@@ -490,6 +501,10 @@ class FoldIntoWindows(beam.DoFn):
                 else:
                     merge_into(into[0], partial)
                     into[1] = max(into[1], latest)
+        if self.trace_path is not None:
+            latency_trace.record(self.trace_path, "fold", {
+                start: overall_events(partial) for (size, start), (partial, _) in merged.items()
+                if size == latency_trace.TRACE_WINDOW_MS})
         for (size, _), (partial, latest) in merged.items():
             label = self.labels[size]
             self.partials_emitted.inc()
@@ -541,11 +556,18 @@ WindowKeyedPartial = typehints.KV[typehints.Tuple[str, int, int], typehints.Dict
 
 class KeyByWindow(beam.DoFn):
     """Input: (label, Partial) of one fired pane. Output: ((label, window start
-    ms, window end ms), Partial), so the pane can leave its window."""
+    ms, window end ms), Partial), so the pane can leave its window.
+    ``trace_path``: debug, see transforms.latency_trace (stage ``fired``)."""
+
+    def __init__(self, trace_path: Optional[str] = None):
+        self.trace_path = trace_path
 
     def process(self, element, win=beam.DoFn.WindowParam):
         label, partial = element
-        yield (label, win.start.micros // 1000, win.end.micros // 1000), partial
+        start, end = win.start.micros // 1000, win.end.micros // 1000
+        if self.trace_path is not None and end - start == latency_trace.TRACE_WINDOW_MS:
+            latency_trace.record(self.trace_path, "fired", {start: overall_events(partial)})
+        yield (label, start, end), partial
 
 
 class _WindowTotal(NamedTuple):
@@ -596,7 +618,9 @@ class AccumulatePanes(beam.DoFn):
     CLOSE_THEN_EXPIRE = TimerSpec("close_then_expire", TimeDomain.WATERMARK)
 
     def __init__(self, allowed_lateness_s: int, emit_early: bool = True,
-                 catch_up_after_s: Optional[float] = None, expire: bool = True):
+                 catch_up_after_s: Optional[float] = None, expire: bool = True,
+                 trace_path: Optional[str] = None):
+        self.trace_path = trace_path  # debug, see transforms.latency_trace (stage ``pane``)
         self.allowed_lateness = Duration(seconds=allowed_lateness_s)
         self.expire = expire
         self.emit_early = emit_early
@@ -618,6 +642,8 @@ class AccumulatePanes(beam.DoFn):
             return
         rows = metric_rows(state.partial, only=delta, window_seconds=_seconds(key))
         total.write(state._replace(panes=state.panes + 1))
+        if self.trace_path is not None and key[2] - key[1] == latency_trace.TRACE_WINDOW_MS:
+            latency_trace.record(self.trace_path, "pane", {key[1]: overall_events(state.partial)}, total=True)
         yield _aggregate(key, "LATE" if state.closed else "EARLY", state.panes, rows)
 
     @on_timer(CLOSE_THEN_EXPIRE)
@@ -632,6 +658,8 @@ class AccumulatePanes(beam.DoFn):
         total.write(state._replace(closed=True, panes=state.panes + 1))
         if self.expire:
             timer.set(_max_timestamp(key) + self.allowed_lateness)
+        if self.trace_path is not None and key[2] - key[1] == latency_trace.TRACE_WINDOW_MS:
+            latency_trace.record(self.trace_path, "pane", {key[1]: overall_events(state.partial)}, total=True)
         yield _aggregate(key, "ON_TIME", state.panes, metric_rows(state.partial, window_seconds=_seconds(key)))
 
     def _catching_up(self, key) -> bool:
@@ -662,6 +690,18 @@ def _seed_pane(seed, size: int, label: str):
         yield TimestampedValue(((label, start, start + size * 1000), partial), start / 1000.0)
 
 
+class _AfterProcessingTime(trigger.AfterProcessingTime):
+    """AfterProcessingTime with a delay in fractions of a second: Beam 2.77's
+    Python SDK writes ``delay * 1000`` into the proto's integer delay_millis,
+    which refuses a float such as 500.0 (pinned by
+    tests/test_aggregate.py::test_a_sub_second_early_firing_reaches_the_runner_in_milliseconds)."""
+
+    def to_runner_api(self, context):
+        api = beam_runner_api_pb2
+        delay = api.TimestampTransform(delay=api.TimestampTransform.Delay(delay_millis=int(round(self.delay * 1000))))
+        return api.Trigger(after_processing_time=api.Trigger.AfterProcessingTime(timestamp_transforms=[delay]))
+
+
 class WindowedResult(NamedTuple):
     panes: dict                # window label -> PCollection of WindowAggregate
     too_late: PCollection      # of DeadLetter (TOO_LATE)
@@ -679,9 +719,12 @@ class WindowedMetrics(beam.PTransform):
     on their way out (a Flatten of differently windowed inputs is a stage of its own).
 
     ``early_firing_s``: processing-time delay between early panes (real-time
-    values before the window closes) of the finest windows; a window of size S
-    fires early at most every max(early_firing_s, min(S / 60, 60)) seconds,
-    because each early pane rewrites the entities it touched in the sinks.
+    values before the window closes) of the finest windows (1 minute or less),
+    in seconds, fractions allowed (to the millisecond): the latency of the
+    1-minute values is this plus the read and the runner's hand-overs; a
+    larger window of size S fires early at most every max(early_firing_s,
+    min(S / 60, 60)) seconds, because each early pane rewrites the entities it
+    touched in the sinks.
     None: no early panes (a bounded job, whose watermark closes every
     window). ``allowed_lateness_s``: how long after a window closes late events
     still refire it; later ones are dead letters (TOO_LATE).
@@ -692,14 +735,17 @@ class WindowedMetrics(beam.PTransform):
     ``dead_lettered``: see RejectLateEventsFn. ``retry``: how the ledger's
     writes ride out a Postgres outage (transforms.sinks.resilience).
     ``catch_up_after_s``, ``expire_state``: see :class:`AccumulatePanes`.
+    ``trace_path``: debug, see transforms.latency_trace.
     """
 
     def __init__(self, window_sizes_s: tuple[int, ...] = WINDOW_SIZES_S,
-                 early_firing_s: Optional[int] = 5, allowed_lateness_s: int = 3600,
+                 early_firing_s: Optional[float] = 5, allowed_lateness_s: int = 3600,
                  catch_up_after_s: Optional[float] = None, expire_state: bool = True,
                  ledger: Optional[WindowLedger] = None, seeds: Optional[beam.PTransform] = None,
-                 dead_lettered: frozenset = frozenset(), retry: Optional["SinkRetryConfig"] = None):
+                 dead_lettered: frozenset = frozenset(), retry: Optional["SinkRetryConfig"] = None,
+                 trace_path: Optional[str] = None):
         super().__init__()
+        self.trace_path = trace_path
         self.expire_state = expire_state
         self.catch_up_after_s = catch_up_after_s
         self.window_sizes_s = tuple(sorted(window_sizes_s))
@@ -707,15 +753,17 @@ class WindowedMetrics(beam.PTransform):
         self.allowed_lateness_s = allowed_lateness_s
         self.ledger, self.seeds, self.dead_lettered, self.retry = ledger, seeds, dead_lettered, retry
 
-    def early_delay_s(self, size_s: int) -> int:
-        return int(max(self.early_firing_s, min(size_s // 60, 60)))
+    def early_delay_s(self, size_s: int) -> float:
+        """Seconds between early panes of windows of ``size_s``, to the millisecond."""
+        delay = self.early_firing_s if size_s <= 60 else max(self.early_firing_s, min(size_s // 60, 60))
+        return round(delay, 3)
 
     def _trigger(self, size_s: int) -> trigger.TriggerFn:
         if self.early_firing_s is None:
             return trigger.DefaultTrigger()  # one pane as the watermark passes (bounded jobs)
         # AccumulatePanes tells early, on-time and late apart itself (by its
         # timer); the trigger only decides when partials move on.
-        return trigger.AfterWatermark(early=trigger.AfterProcessingTime(self.early_delay_s(size_s)),
+        return trigger.AfterWatermark(early=_AfterProcessingTime(self.early_delay_s(size_s)),
                                       late=trigger.AfterCount(1))
 
     def _seed_panes(self, pipeline) -> dict:
@@ -736,7 +784,7 @@ class WindowedMetrics(beam.PTransform):
         on_time, too_late = event_batches | "RejectLateEvents" >> RejectLateEvents(
             self.window_sizes_s[0], self.allowed_lateness_s, self.dead_lettered)
         partials = on_time | "FoldIntoWindows" >> beam.ParDo(
-            FoldIntoWindows(self.window_sizes_s, self.ledger, self.retry)).with_outputs(FOLD_ERRORS, *labels)
+            FoldIntoWindows(self.window_sizes_s, self.ledger, self.retry, self.trace_path)).with_outputs(FOLD_ERRORS, *labels)
         lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
         seed_panes = self._seed_panes(event_batches.pipeline)
@@ -749,11 +797,11 @@ class WindowedMetrics(beam.PTransform):
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                     allowed_lateness=Duration(seconds=lateness_s))
                 | f"Merge{label}" >> beam.CombinePerKey(MergeWindowMetrics())
-                | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow()).with_output_types(WindowKeyedPartial)
+                | f"KeyByWindow{label}" >> beam.ParDo(KeyByWindow(self.trace_path)).with_output_types(WindowKeyedPartial)
                 | f"LeaveWindow{label}" >> beam.WindowInto(window.GlobalWindows()))
             panes[label] = (
                 (fired, seeds) | f"WithSeeds{label}" >> beam.Flatten()
                 | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
                     lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
-                    self.expire_state)))
+                    self.expire_state, self.trace_path)))
         return WindowedResult(panes, too_late, partials[FOLD_ERRORS])

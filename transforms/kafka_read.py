@@ -52,6 +52,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas.settings import LOCAL_STACK
+from transforms import latency_trace
 from transforms.latency import LatencyHistogram
 from transforms.records import KafkaRecord
 
@@ -166,6 +167,8 @@ class KafkaReadConfig:
     stall_exit_s: Optional[float] = None
     start_from: str = "committed"  # committed offsets, else earliest; or "earliest"/"latest"
     consumer_config: dict = field(default_factory=dict)
+    # Debug: append when each poll read which events here (transforms.latency_trace).
+    trace_path: Optional[str] = None
 
     def consumer(self) -> Consumer:
         conf = {"bootstrap.servers": self.brokers, "group.id": self.group_id,
@@ -332,6 +335,7 @@ class _PartitionReader:
         self.trouble = None  # the error of an ongoing broker outage, logged once
         self.last_idle_commit_at = time.monotonic()
         self.behind_since: Optional[float] = None  # polls empty while the log has more
+        self.known_end = -1  # the end of log the broker last reported to end_offset()
         self.in_use = threading.Lock()  # one call at a time (see _Readers)
 
     def got_records(self) -> None:
@@ -376,7 +380,16 @@ class _PartitionReader:
         if self.trouble is not None:
             LOG.warning("Kafka %s[%d]: the broker answers again", self.topic, self.partition)
             self.trouble = None
+        self.known_end = max(self.known_end, high)
         return high
+
+    def records_there(self, stop: int) -> Optional[int]:
+        """How many records the broker is known to hold past our position, up to
+        ``stop`` (from the last fetch response or end_offset(), no broker call);
+        None when neither has told."""
+        high = max(self.known_end, self.consumer.get_watermark_offsets(
+            TopicPartition(self.topic, self.partition), cached=True)[1])
+        return None if high < 0 else max(0, min(high, stop) - self.position)
 
     def broker_trouble(self, error) -> None:
         """Logs the first error of an outage once; the reader keeps waiting."""
@@ -599,6 +612,11 @@ class ReadPartitionFn(beam.DoFn):
             offsets.update(records[-1].offset)
             newest = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             call.advance(newest - lag)
+            if self.config.trace_path is not None:
+                read = latency_trace.by_window(r.timestamp_ms for r in records)
+                latency_trace.record(self.config.trace_path, "poll", read)
+                for w, n in read.items():
+                    call.traced[w] = call.traced.get(w, 0) + n
             yield TimestampedValue(records, self._horizon(watermark))
             self.processing.observe(time.monotonic() - polled_at, len(records))
             if bounded:
@@ -620,9 +638,18 @@ class ReadPartitionFn(beam.DoFn):
     def _poll(self, reader: _PartitionReader, stop: int, wait: bool) -> list[KafkaRecord]:
         # Caught up, a live read takes what the consumer has fetched in the
         # background (the checkpoint's resume delay bounds how often); behind,
-        # it waits for the rest.
-        timeout = self.config.poll_timeout_s if wait else 0
-        messages = reader.consumer.consume(self.config.batch_size, timeout=timeout)
+        # it waits for the rest, but only for the records the broker is known to
+        # hold: consume() returns once it has as many as asked, or at the
+        # timeout, so asking a full batch of a partition with a few hundred new
+        # records waited the whole poll_timeout_s (per partition, per call: most
+        # of the live latency). A backlog still gets full batches.
+        timeout, count = 0, self.config.batch_size
+        if wait:
+            timeout = self.config.poll_timeout_s
+            there = reader.records_there(stop)
+            if there:
+                count = min(count, there)
+        messages = reader.consumer.consume(count, timeout=timeout)
         records = []
         for m in messages:
             err = m.error()
@@ -738,8 +765,10 @@ class ReadPartitionFn(beam.DoFn):
         offset = TopicPartition(reader.topic, reader.partition, call.next_offset,
                                 metadata=str(since)) if commit else None
         read_id, partitions, to = self.read_id, self.partitions, call.watermark
+        trace_path, traced = self.config.trace_path, call.traced
 
         def finalize():
+            latency_trace.record(trace_path, "handed", traced)
             if offset is not None:
                 commits.commit(offset)
             if to is not None:
@@ -755,6 +784,7 @@ class _CallOutcome:
         self.started_ms = int(time.time() * 1000)
         self.next_offset: Optional[int] = None
         self.watermark: Optional[Timestamp] = None
+        self.traced: dict = {}  # --latency_trace only: records read, by 1-minute window
 
     def advance(self, to: Timestamp) -> None:
         if self.watermark is None or to > self.watermark:

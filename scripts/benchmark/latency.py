@@ -3,9 +3,11 @@ send time; each event's latency is the time from its send to the first Redis pol
 which its 1-minute window's overall count covers it."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,7 +17,8 @@ import redis
 from scripts.benchmark.common import log, overall_key, pg_query, tail
 from scripts.benchmark.isolation import Bench
 from scripts.benchmark.jobs import Job, OffsetWatcher
-from scripts.benchmark.latency_stats import RedisPoller, latencies, rounded, summary
+from scripts.benchmark.latency_stats import (RedisPoller, latencies, rounded, stage_breakdown, summary,
+                                             trace_series)
 from scripts.benchmark.live_traffic import LiveSender, event_templates
 
 MINUTE_MS = 60_000
@@ -35,6 +38,7 @@ class _Live:
     sent: dict = field(default_factory=dict)   # window -> [send time] of the measured events
     first_send: Optional[float] = None
     last_send: float = 0.0
+    trace_path: Optional[str] = None  # the job's --latency_trace file
 
 
 def _warmups_read(dsn: str, first_measured_send: float) -> dict[int, int]:
@@ -102,6 +106,7 @@ def _send_measured(live: _Live, templates: list, rate: float) -> None:
     n = len(templates)
     log(f"latency: sending {n:,} events at {rate:.0f}/s")
     live.poller.start()
+    live.sender.track_acks = True
     began = time.perf_counter()
     live.first_send = time.time()
     for k, t in enumerate(templates):
@@ -155,6 +160,35 @@ def _measure(live: _Live, drain_s: float) -> None:
                  for w, s in sorted(live.sent.items())},
         never_visible_within_s=drain_s, never_visible=invisible,
         redis_polls=poller.n_polls, redis_errors=poller.errors)
+    _stages(live, warm_read)
+
+
+def _stages(live: _Live, warm_read: dict) -> None:
+    """Where the time went: each measured event's passage through the job's stages
+    (its --latency_trace), between the broker's ack and the Redis poller."""
+    res = live.res
+    try:
+        with open(live.trace_path, encoding="utf-8") as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+    except OSError as e:
+        res["stages_error"] = f"no latency trace: {e}"
+        return
+    series = trace_series(lines)
+    acks: dict = {}
+    for t, ts_ms in sorted(live.sender.acks):
+        w = ts_ms - ts_ms % MINUTE_MS
+        acks.setdefault(w, []).append((t, len(acks.get(w, [])) + 1.0))
+    series["acked"] = acks
+    series["visible"] = live.poller.polls
+    offsets = {s: warm_read for s in ("poll", "fold", "handed", "fired", "pane", "visible")}
+    res["stages"] = stage_breakdown(live.sent, series, offsets)
+    busiest = max(live.sent, key=lambda w: len(live.sent[w])) if live.sent else None
+    fired = [t for t, _ in series.get("fired", {}).get(busiest, [])]
+    gaps = sorted(b - a for a, b in zip(fired, fired[1:]))
+    res["panes_fired_1m"] = len(fired)  # of the window with the most measured events
+    res["pane_interval_p50_s"] = rounded(gaps[len(gaps) // 2]) if gaps else None
+    polls = [l for l in lines if l["s"] == "poll" and live.first_send <= l["t"] <= live.last_send]
+    res["reader_polls_per_s"] = round(len(polls) / max(1e-9, live.last_send - live.first_send), 1)
 
 
 def _diagnostics(live: _Live) -> None:
@@ -195,28 +229,32 @@ def _stop(live: _Live, stop_timeout: float) -> None:
     res["stderr_tail"] = tail("\n".join(l for l in job.stderr().splitlines() if "Key coder" not in l), 12)
 
 
-def _start(bench: Bench, res: dict) -> _Live:
+def _start(bench: Bench, res: dict, early_firing_s: float) -> _Live:
     r = redis.Redis.from_url(bench.redis_url)
     r.flushdb()
     group = bench.group("latency")
     res["group_id"] = group
     sender = LiveSender(bench.brokers, bench.topics)
-    job = Job(bench.pipeline_args(group, start_from="latest", early_firing=1), "latency")
-    log(f"latency: pid {job.proc.pid}: streaming job, --start_from latest --early_firing 1, all sinks")
+    fd, trace = tempfile.mkstemp(prefix="latency-trace-", suffix=".jsonl")
+    os.close(fd)
+    job = Job(bench.pipeline_args(group, start_from="latest", early_firing=early_firing_s, latency_trace=trace),
+              "latency")
+    log(f"latency: pid {job.proc.pid}: streaming job, --start_from latest --early_firing {early_firing_s:g}, "
+        "all sinks")
     watcher = OffsetWatcher(bench.brokers, group, bench.event_topics(), 1)
     watcher.start()
-    return _Live(bench, res, job, sender, RedisPoller(bench.redis_url), watcher, r)
+    return _Live(bench, res, job, sender, RedisPoller(bench.redis_url), watcher, r, trace_path=trace)
 
 
 def run_latency(bench: Bench, seconds: float, rate: float, ready_timeout: float = 90.0,
                 drain_s: float = 30.0, stop_timeout: float = 60.0, warmup_rate: float = 20.0,
-                ready_sleep: float = 0.0) -> dict:
+                ready_sleep: float = 0.0, early_firing_s: float = 1.0) -> dict:
     """In: the stack, how long and how fast to send, the readiness/drain/stop bounds.
     Out: the run's figures (percentiles, per-window counts, readiness, stop), or an error."""
     n = max(1, int(seconds * rate))
-    res: dict = {"rate": rate, "seconds": seconds, "events": n, "early_firing_s": 1}
+    res: dict = {"rate": rate, "seconds": seconds, "events": n, "early_firing_s": early_firing_s}
     templates = event_templates(n + int(ready_timeout * warmup_rate) + 10, seed=4242)
-    live = _start(bench, res)
+    live = _start(bench, res, early_firing_s)
     try:
         _wait_ready(live, templates[n:], ready_timeout, warmup_rate, ready_sleep)
         _send_measured(live, templates[:n], rate)
@@ -232,5 +270,9 @@ def run_latency(bench: Bench, seconds: float, rate: float, ready_timeout: float 
         _diagnostics(live)
         live.watcher.stop.set()
         _stop(live, stop_timeout)
+        try:
+            os.unlink(live.trace_path)
+        except OSError:
+            pass
     log(f"latency: job exit code {res['exit_code']}")
     return res

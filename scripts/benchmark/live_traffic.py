@@ -1,6 +1,8 @@
 """Live traffic for the latency run: valid generated events, sent with event time = send time."""
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import Producer
 
 from schemas import default_registry
@@ -20,7 +22,8 @@ def event_templates(count: int, seed: int) -> list[tuple]:
 
 class LiveSender:
     """Sends templates to the stack's topics with ``occurred_at`` = the given send time;
-    delivery failures are kept in ``failures``."""
+    delivery failures are kept in ``failures``; while ``track_acks`` is set, each
+    delivered record's (ack time, record time ms) in ``acks``."""
 
     def __init__(self, brokers: str, topics: dict):
         reg = default_registry()
@@ -30,10 +33,14 @@ class LiveSender:
         self.producer = Producer({"bootstrap.servers": brokers, "linger.ms": 5, "enable.idempotence": True,
                                   "queue.buffering.max.messages": 500000})
         self.failures: list[str] = []
+        self.track_acks = False
+        self.acks: list[tuple[float, int]] = []
 
     def _on_delivery(self, err, _msg) -> None:
         if err is not None:
             self.failures.append(str(err))
+        elif self.track_acks:
+            self.acks.append((time.time(), _msg.timestamp()[1]))
 
     def send(self, template: tuple, now_ms: int) -> None:
         """Encodes ``template`` (of ``event_templates``) with event time ``now_ms`` and produces it."""

@@ -197,9 +197,11 @@ def _print_latency(lat: Optional[dict]) -> None:
     if not lat:
         return
     p(f"\n-- latency: {lat.get('events', 0):,} events at {lat.get('rate')}/s for {lat.get('seconds')}s "
-      f"(achieved {fmt(lat.get('achieved_rate'))}/s), event time = send time, --early_firing 1, all sinks")
+      f"(achieved {fmt(lat.get('achieved_rate'))}/s), event time = send time, "
+      f"--early_firing {lat.get('early_firing_s', 1):g}, all sinks")
     _print_readiness(lat)
     _print_latencies(lat)
+    _print_stages(lat)
     _print_job_end(lat)
 
 
@@ -232,6 +234,24 @@ def _print_memory(m: Optional[dict]) -> None:
         return
     p(f"growth: {fmt(m['growth_mb_per_event_hour'], ' MB')} RSS ({fmt(m.get('pss_growth_mb_per_event_hour'), ' MB')} "
       f"PSS) per hour of event time, least squares over hours {fit[0]}-{fit[1]}")
+
+
+def _print_stages(lat: dict) -> None:
+    """Where the time went, stage by stage (the job's --latency_trace)."""
+    stages = lat.get("stages")
+    if not stages:
+        if lat.get("stages_error"):
+            p(f"where the time goes: {lat['stages_error']}")
+        return
+    p("where the time goes (per event, time since the previous stage; share of the summed medians):")
+    p(f"  {'stage':<8} {'p50 s':>7} {'p99 s':>7} {'share':>6} {'since send p50/p99 s':>21}  what")
+    for name, st in stages.items():
+        share = st.get("share_of_p50")
+        p(f"  {name:<8} {fmt(st.get('step_p50_s')):>7} {fmt(st.get('step_p99_s')):>7} "
+          f"{'' if share is None else f'{share:.0%}':>6} "
+          f"{fmt(st.get('since_send_p50_s')):>10}/{fmt(st.get('since_send_p99_s')):<10}  {st['meaning']}")
+    p(f"  1-minute panes fired while measuring: {lat.get('panes_fired_1m')}, median interval "
+      f"{fmt(lat.get('pane_interval_p50_s'))}s; reader polls with records: {lat.get('reader_polls_per_s')}/s")
 
 
 def print_report(rep: Report) -> None:

@@ -5,6 +5,7 @@ way a runner calls a splittable DoFn (one restriction, checkpoints)."""
 from __future__ import annotations
 
 import glob
+import json
 import pickle
 import time
 
@@ -116,5 +117,34 @@ def test_a_reader_whose_fetch_stopped_gets_a_new_consumer(stack, monkeypatch):
         more = read_all([fn], PartitionSpec(topic, 0, 200), 100, timeout_s=30)
         assert [r.offset for r in first + more] == list(range(300))
         assert reader.consumer is not stuck
+    finally:
+        fn.teardown()
+
+
+def test_a_reader_waits_only_for_the_records_the_log_holds(stack, tmp_path):
+    """A live partition with fewer new records than a batch: the reader asks the
+    consumer for as many as the broker reports past its position (not a whole
+    batch, which made every call wait its poll timeout), and still reads them all,
+    in order, and traces them (--latency_trace: polled, then handed on)."""
+    topic = stack.topics["engagement"]  # a topic of its own: offsets from 0
+    trace = tmp_path / "trace.jsonl"
+    config = KafkaReadConfig(brokers=stack.brokers, group_id=stack.group_id, commit_offsets=False,
+                             batch_size=2000, trace_path=str(trace))
+    spec = PartitionSpec(topic, 0, 0)
+    fn = ReadPartitionFn(config, [spec])
+    fn.setup()
+    try:
+        assert call(fn, spec, 0) == []  # the partition is empty: the reader is caught up
+        reader = kr._Readers._readers[(fn.read_id, topic, 0)]
+        produce(stack.brokers, topic, 7)
+        assert reader.end_offset() == 7
+        assert reader.records_there(kr.UNBOUNDED) == 7
+        assert reader.records_there(5) == 5  # a bounded range's stop caps it
+        got = read_all([fn], spec, 7, timeout_s=30)
+        assert [r.offset for r in got] == list(range(7))
+        lines = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert sum(line["n"] for line in lines if line["s"] == "poll") == 7
+        assert sum(line["n"] for line in lines if line["s"] == "handed") == 7
+        assert reader.records_there(kr.UNBOUNDED) == 0
     finally:
         fn.teardown()
