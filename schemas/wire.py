@@ -47,6 +47,43 @@ def encode_avro(entry: RegisteredSchema, record: dict, parsed: Any = None) -> by
     return frame(entry.schema_id, buf.getvalue())
 
 
+def avro_long(n: int) -> bytes:
+    """An Avro int or long: zig-zag, then a base-128 varint, low groups first."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def avro_string(text: str) -> bytes:
+    """An Avro string: its UTF-8 length as a long, then the bytes."""
+    data = text.encode()
+    return avro_long(len(data)) + data
+
+
+_DOUBLE = struct.Struct("<d").pack
+
+
+def avro_double_map(values: dict, keys: dict) -> bytes:
+    """An Avro map of doubles, as fastavro writes one: a single block (its count),
+    then key and little-endian double per entry, then the empty block.
+    ``keys`` caches each key's encoded bytes (a map's keys repeat across records)."""
+    if not values:
+        return b"\x00"
+    parts = [avro_long(len(values))]
+    for k, v in values.items():
+        kb = keys.get(k)
+        if kb is None:
+            kb = keys[k] = avro_string(k)
+        parts.append(kb)
+        parts.append(_DOUBLE(v))
+    parts.append(b"\x00")
+    return b"".join(parts)
+
+
 def encode_json(event_type: str, record: dict) -> bytes:
     return json.dumps(dict(record, event_type=event_type), separators=(",", ":")).encode()
 

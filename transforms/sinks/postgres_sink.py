@@ -34,7 +34,6 @@ import psycopg2.errors
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
-from psycopg2.extras import execute_values
 
 from schemas import postgres as postgres_schema
 from schemas.postgres import PARTITION_LOCK, connect, utc
@@ -308,22 +307,37 @@ class ArchiveRawEvents(beam.PTransform):
         return event_batches | "CopyToPostgres" >> beam.ParDo(ArchiveRawEventsFn(self.dsn, self.retry))
 
 
+# A pane's rows are upserted by one statement over three arrays (family,
+# entity, metrics JSON): execute_values built and quoted a VALUES tuple of
+# eight values per row in Python. The window and pane columns are the same for
+# every row of a pane, so they are parameters once. (A COPY to a temporary
+# table cost as little per row but a second round trip per pane.)
 _UPSERT = """
 INSERT INTO {table} (window_seconds, window_start, window_end, family, entity_id, metrics,
                             pane_timing, pane_index)
-VALUES %s
+SELECT %(seconds)s, %(start)s, %(end)s, family, entity_id, metrics::jsonb, %(timing)s, %(index)s
+FROM unnest(%(families)s::text[], %(entities)s::text[], %(metrics)s::text[]) AS pane(family, entity_id, metrics)
 ON CONFLICT (window_seconds, window_start, family, entity_id) DO UPDATE
 SET window_end = EXCLUDED.window_end, metrics = EXCLUDED.metrics,
     pane_timing = EXCLUDED.pane_timing, pane_index = EXCLUDED.pane_index, updated_at = now()
 """
 
 
+def pane_params(agg: WindowAggregate) -> dict:
+    """The parameters of ``_UPSERT`` for the rows of ``agg``."""
+    rows = agg.rows
+    return {"seconds": agg.window_seconds, "start": utc(agg.window_start_ms), "end": utc(agg.window_end_ms),
+            "timing": agg.pane_timing, "index": agg.pane_index,
+            "families": [r.family for r in rows], "entities": [r.entity_id for r in rows],
+            "metrics": [json.dumps(r.metrics, separators=(",", ":")) for r in rows]}
+
+
 class WriteMetricsToPostgresFn(beam.DoFn):
     """Input: a WindowAggregate. Upserts its rows into ``table`` (``window_metrics``).
 
-    A pane's upserts are one transaction; when the connection fails it is
-    redone whole on a new connection, and while Postgres stays away the
-    DoFn's circuit breaker holds it (blocking the bundle) until it answers.
+    A pane's upserts are one statement in one transaction; when the connection
+    fails it is redone whole on a new connection, and while Postgres stays
+    away the DoFn's circuit breaker holds it (blocking the bundle) until it answers.
     """
 
     def __init__(self, dsn: str, table: str = "window_metrics", retry: Optional[SinkRetryConfig] = None):
@@ -335,6 +349,7 @@ class WriteMetricsToPostgresFn(beam.DoFn):
 
     def setup(self):
         self.conn = None
+        self.upsert = _UPSERT.format(table=self.table)
         self.breaker = postgres_breaker("WriteMetricsToPostgres", self.dsn, self.retry)
         # A DoFn set up while Postgres is away (a new instance for a new bundle) waits here.
         self.breaker.call(lambda: apply_schema(self.dsn))
@@ -347,22 +362,19 @@ class WriteMetricsToPostgresFn(beam.DoFn):
         _close_quietly(conn)
 
     def process(self, agg: WindowAggregate):
-        start, end = utc(agg.window_start_ms), utc(agg.window_end_ms)
-        values = [(agg.window_seconds, start, end, r.family, r.entity_id,
-                   json.dumps(r.metrics, separators=(",", ":")), agg.pane_timing, agg.pane_index)
-                  for r in agg.rows]
+        params = pane_params(agg)
         began = time.monotonic()
-        self.breaker.call(lambda: self._upsert(values), reset=self._reset)
+        self.breaker.call(lambda: self._upsert(params), reset=self._reset)
         self.written.observe(agg, time.monotonic() - began)
-        self.rows.inc(len(values))
+        self.rows.inc(len(agg.rows))
         self.counters.report(self.breaker)
         return ()
 
-    def _upsert(self, values: list) -> None:
+    def _upsert(self, params: dict) -> None:
         if self.conn is None:
             self.conn = sink_connect(self.dsn, self.retry)
         with self.conn, self.conn.cursor() as cur:
-            execute_values(cur, _UPSERT.format(table=self.table), values, page_size=2000)
+            cur.execute(self.upsert, params)
 
 
 class WriteMetricsToPostgres(beam.PTransform):

@@ -5,10 +5,17 @@ Each (window, family, entity) is one hash::
     analytics:<window label>:<window start, epoch ms>:<family>:<entity>
       -> {metric: value, ..., pane_timing, pane_index, window_end}
 
-written with one pipelined round trip per pane and a TTL per window size, so
-old windows expire by themselves. An accumulating pane carries the full value,
-so writing it again (a refire, a replay, a retry) overwrites, never adds.
-``analytics:<label>:latest`` holds the start of the newest window written.
+written by a Lua script (:data:`_PANE_LUA`) that takes the pane's rows as one
+JSON argument, with a TTL per window size, so old windows expire by themselves.
+An accumulating pane carries the full value, so writing it again (a refire, a
+replay, a retry) overwrites, never adds. ``analytics:<label>:latest`` holds the
+start of the newest window written; the same script only ever moves it forward.
+
+Why a script: redis-py packs every argument of every command in Python, and
+an HSET with a mapping plus an EXPIRE per row cost more of the worker's time
+than the rest of the sink; one EVALSHA per (up to :data:`ROWS_PER_CALL` rows
+of a) pane is a few arguments whatever the pane's size. Values are formatted
+here as redis-py would (``repr`` of a number), so readers see the same strings.
 
 The hardest concepts now: the sorted set ``schemas.serving.HARDEST_CONCEPTS_KEY``
 (concept -> accuracy, lowest first) of the newest hour window, written with
@@ -24,6 +31,7 @@ the DoFn's circuit breaker until Redis answers a PING again (see
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Optional
 
@@ -65,6 +73,54 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+
+
+# Rows per EVALSHA: a script runs alone on the server, so a day window's
+# on-time pane of every user is split into calls of this many rows (one
+# pipelined round trip still), and no reader waits long behind it.
+ROWS_PER_CALL = 1000
+
+# KEYS: the ``latest`` key of the pane's window size, or none (not the last
+# call of the pane). ARGV: TTL s, window start ms, pane_timing, pane_index,
+# window_end, then the rows as one JSON array of [key, field, value, field,
+# value, ...] (values already strings). Each row's hash gets the pane's three
+# fields after its metrics (the order redis-py's HSET mapping gave them), and
+# the TTL. ``latest`` is set to the window start unless it holds a later one.
+_PANE_LUA = """
+local ttl, start = ARGV[1], ARGV[2]
+local rows = cjson.decode(ARGV[6])
+for i = 1, #rows do
+  local row = rows[i]
+  local n = #row
+  row[n + 1] = 'pane_timing'; row[n + 2] = ARGV[3]
+  row[n + 3] = 'pane_index'; row[n + 4] = ARGV[4]
+  row[n + 5] = 'window_end'; row[n + 6] = ARGV[5]
+  redis.call('HSET', unpack(row))
+  redis.call('EXPIRE', row[1], ttl)
+end
+if KEYS[1] then
+  local current = tonumber(redis.call('GET', KEYS[1]))
+  if current == nil or current < tonumber(start) then
+    redis.call('SET', KEYS[1], start, 'EX', ttl)
+  end
+end
+return #rows
+"""
+
+
+def pane_rows_json(agg: WindowAggregate, prefix: str, rows: list) -> str:
+    """``rows`` of ``agg`` as :data:`_PANE_LUA`'s JSON: [[key, field, value, ...], ...]."""
+    label = window_label(agg.window_seconds)
+    out = []
+    for row in rows:
+        fields = [window_key(label, agg.window_start_ms, row.family, row.entity_id, prefix)]
+        for name, value in row.metrics.items():
+            fields.append(name)
+            # As redis-py's Encoder writes a value: a number as its repr, a string as is.
+            fields.append(value if value.__class__ is str else repr(value))
+        out.append(fields)
+    # Not ASCII-escaped: the script's cjson keeps UTF-8 bytes as they are.
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
 def hardest_concepts_args(agg: WindowAggregate) -> list:
@@ -145,25 +201,36 @@ class WriteMetricsToRedisFn(beam.DoFn):
         """One pane in one pipelined round trip; idempotent, so a retry may repeat it whole."""
         if self.client is None:
             self.client = _client(self.url, self.retry.probe_timeout_s, self.retry.write_timeout_s)
-            self.hardest = self.client.register_script(_HARDEST_LUA)
+            self._load_scripts()
+        try:
+            self._pipeline(agg).execute()
+        except redis.exceptions.NoScriptError:
+            # Redis restarted (or its script cache was flushed) since we loaded them.
+            self._load_scripts()
+            self._pipeline(agg).execute()
+
+    def _load_scripts(self) -> None:
+        self.pane_sha = self.client.script_load(_PANE_LUA)
+        self.hardest_sha = self.client.script_load(_HARDEST_LUA)
+
+    def _pipeline(self, agg: WindowAggregate):
+        """The pane's EVALSHAs, queued: its rows in calls of ROWS_PER_CALL, the last
+        one moving ``latest``; then, for an hour pane, the hardest-concepts script."""
         ttl = self.ttl_s.get(agg.window_seconds, 2 * agg.window_seconds + 3600)
-        pipe = self.client.pipeline(transaction=False)
-        for row in agg.rows:
-            key = metric_key(self.prefix, agg.window_seconds, agg.window_start_ms, row.family, row.entity_id)
-            pipe.hset(key, mapping=dict(row.metrics, pane_timing=agg.pane_timing,
-                                        pane_index=agg.pane_index, window_end=agg.window_end_ms))
-            pipe.expire(key, ttl)
         latest = latest_window_key(window_label(agg.window_seconds), self.prefix)
-        pipe.set(latest, agg.window_start_ms, ex=ttl, nx=True)
+        # Not Script objects: in a pipeline, redis-py asks SCRIPT EXISTS first, one more round trip.
+        pipe = self.client.pipeline(transaction=False)
+        rows = agg.rows
+        for at in range(0, max(len(rows), 1), ROWS_PER_CALL):
+            last = at + ROWS_PER_CALL >= len(rows)
+            pipe.evalsha(self.pane_sha, 1 if last else 0, *([latest] if last else []),
+                         ttl, agg.window_start_ms, agg.pane_timing, agg.pane_index, agg.window_end_ms,
+                         pane_rows_json(agg, self.prefix, rows[at:at + ROWS_PER_CALL]))
         if agg.window_seconds == HARDEST_WINDOW_S:
             # Every hour pane, with concept rows or without: a newer hour replaces the set.
-            self.hardest(keys=self.hardest_keys, args=[agg.window_start_ms, ttl, *hardest_concepts_args(agg)],
-                         client=pipe)
-        pipe.execute()
-        # Only move "latest" forward: a late pane of an old window must not pull it back.
-        current = self.client.get(latest)
-        if current is not None and int(current) < agg.window_start_ms:
-            self.client.set(latest, agg.window_start_ms, ex=ttl)
+            pipe.evalsha(self.hardest_sha, len(self.hardest_keys), *self.hardest_keys,
+                         agg.window_start_ms, ttl, *hardest_concepts_args(agg))
+        return pipe
 
 
 def _where(url: str) -> str:
