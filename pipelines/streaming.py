@@ -40,6 +40,7 @@ from pipelines import logs
 from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, lenient, check_options, fail,
                                help_if_asked, redact, use_local_runner)
 from pipelines.preflight import check_services
+from pipelines.workers import pin_chains, use_worker_processes
 from service.launcher import Stop, run_job
 from service.server import ServerError, Service
 from service.status import redact_options
@@ -122,7 +123,7 @@ def share_partitions(partitions: list, chains: int) -> list[list]:
     return [s for s in (partitions[i::chains] for i in range(chains)) if s]
 
 
-def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, chains: int = 1) -> None:
+def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, chains: int = 1) -> int:
     """Wires the transforms; shared by ``run`` and the tests. Connects to nothing, exits nothing.
 
     ``chains``: how many reads, each of a share of the partitions, each with
@@ -130,7 +131,8 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, chains: 
     behind it (archive, lateness and fold with the ledger, profiles, dead
     letters); their partials meet in the windows' merge. Steps of chain i > 0
     carry the suffix ``Chain<i>`` (see pipelines.workers, which runs each
-    chain in a worker process of its own)."""
+    chain in a worker process of its own). Returns the number of chains built
+    (fewer than ``chains`` when there are fewer partitions)."""
     retry = opts.sink_retry_config()
     profiles = opts.view_as(StreamingOptions).profiles == "true"
     events, letters, profile_signals = [], {}, {}
@@ -167,6 +169,7 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, chains: 
                            opts.redis_url if "redis" in opts.sink_set() else None, opts.alerts_topic, retry)
     for name, stream in signals.items():
         stream | f"Alerts{name}" >> PublishAlerts(targets)
+    return len(events)
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -212,8 +215,12 @@ def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Op
           f"{seeds.rows} ledger rows (ready in {seeds.seconds:.2f}s), {len(point.dead_lettered)} records "
           "already dead-lettered", file=sys.stderr)
     sopts = options.view_as(StreamingOptions)
+    if sopts.worker_processes > 1:
+        use_worker_processes(options)
     p = beam.Pipeline(options=options)
-    build(p, opts, point, chains=sopts.read_chains or sopts.worker_processes)
+    chains = build(p, opts, point, chains=sopts.read_chains or sopts.worker_processes)
+    if sopts.worker_processes > 1:
+        pin_chains(p, {f"ValidEvents{chain_suffix(i)}": i % sopts.worker_processes for i in range(chains)})
     compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
     return run_job(p, service, compactor, stop)
