@@ -122,6 +122,23 @@ def test_sigkill_then_restart(fresh_stack, moment):
     assert_exact(fresh_stack, produced)
 
 
+def test_a_killed_job_with_two_worker_processes_resumes_exactly(fresh_stack):
+    """--worker_processes 2: two reads, each with its archive, fold and profiles, in two
+    SDK worker processes (pipelines.workers); SIGKILL of the process group (launcher,
+    Prism, both workers) once half the records were committed, then a restart, again
+    in two processes: every total, archived event and dead letter exactly once."""
+    produced = produce_stream(fresh_stack, 30000, seed=41)
+    job = start_job(fresh_stack, until_idle=30, early_firing=1, worker_processes=2)
+    try:
+        wait_until(job, lambda: committed_total(fresh_stack) >= len(produced) // 2, timeout=240)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(30)
+    proc = fresh_stack.run_streaming(until_idle=5, early_firing=1, worker_processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_exact(fresh_stack, produced)
+
+
 def test_a_second_run_of_the_group_waits_for_the_first_to_stop(fresh_stack):
     """A deploy that starts the new job before the old one stopped: the new
     run waits on the group's lease, reads nothing meanwhile, and goes on from
