@@ -54,6 +54,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     a, _ = ap.parse_known_args(argv)
     worker_id = a.id.strip("'\"")
     os.environ.update(provision_environment(worker_id, a.provision_endpoint))
+    # The job's option classes, so that the worker parses its options rather than
+    # warning about every one it does not know.
+    import pipelines.streaming  # noqa: F401
     from apache_beam.runners.worker import sdk_worker, sdk_worker_main
     sdk_worker.SHORT_ID_CACHE._last_short_id = os.getpid() << SHORT_ID_SHIFT
     sdk_worker_main.main(sys.argv)
