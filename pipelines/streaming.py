@@ -40,8 +40,9 @@ from pipelines import logs
 from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, lenient, check_options, fail,
                                help_if_asked, redact, use_local_runner)
 from pipelines.preflight import check_services
-from pipelines.workers import pin_chains, use_worker_processes
+from pipelines.workers import WorkerWatch, pin_chains, use_worker_processes
 from service.launcher import Stop, run_job
+from service.launcher import _on_signal as launcher_signal_handler  # WorkerWatch: has a signal come?
 from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
@@ -223,7 +224,16 @@ def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Op
         pin_chains(p, {f"ValidEvents{chain_suffix(i)}": i % sopts.worker_processes for i in range(chains)})
     compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
-    return run_job(p, service, compactor, stop)
+    if sopts.worker_processes <= 1:
+        return run_job(p, service, compactor, stop)
+    watch = WorkerWatch(launcher_signal_handler).start()
+    try:
+        code = run_job(p, service, compactor, stop)
+    finally:
+        watch.stop()
+    if watch.fired:
+        code, stop.reason = 3, watch.fired
+    return code
 
 
 def option_names(*option_classes) -> list[str]:

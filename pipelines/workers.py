@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
 from apache_beam.pipeline import PipelineVisitor
 from apache_beam.transforms.resources import parse_resource_hints
 
+LOG = logging.getLogger("pipelines.streaming")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GROUP_BY_KEY = "beam:transform:group_by_key:v1"
 
@@ -104,3 +109,83 @@ def use_worker_processes(options: PipelineOptions) -> None:
     portable = options.view_as(PortableOptions)
     portable.environment_type = "PROCESS"
     portable.environment_config = json.dumps({"command": boot_command()})
+
+
+def _children() -> dict[int, list[int]]:
+    """{parent pid: child pids} of every process, from /proc."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] != "Z":
+            out.setdefault(int(fields[1]), []).append(int(name))
+    return out
+
+
+def worker_pids(root: int) -> set[int]:
+    """The live ``pipelines.worker_boot`` processes below ``root`` (Prism's children)."""
+    children, found, todo = _children(), set(), [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"pipelines.worker_boot" in f.read():
+                        found.add(pid)
+            except OSError:
+                pass
+    return found
+
+
+class WorkerWatch:
+    """Stops the job (as SIGTERM would, then exit code 3) when one of its worker processes ends.
+
+    When a PROCESS worker dies (a crash, the OOM killer, or the read
+    watchdog's exit in that worker), Prism 2.77 sometimes fails the job ("SDK
+    worker disconnected", when it notices in a bundle in progress) and
+    sometimes leaves it hanging, the other workers idle, and no supervisor
+    learns of it (one SIGKILL of a worker in two, over 150 s;
+    tests/integration/test_restarts.py::
+    test_a_job_whose_worker_process_died_exits_and_resumes_exactly).
+    So this thread follows the job's workers, and when one that ran is gone
+    while the job still runs (``grace_s`` later), it sends this process SIGTERM:
+    the launcher's usual drain cancels the job, and ``fired`` makes the
+    exit code 3 (restart me), as the read watchdog's in a one-process job. A
+    SIGTERM that came first (a deliberate stop, which ends the workers
+    itself) is left alone: the launcher's handler has then changed.
+    """
+
+    def __init__(self, signal_handler, every_s: float = 1.0, grace_s: float = 10.0):
+        self.signal_handler, self.every_s, self.grace_s = signal_handler, every_s, grace_s
+        self.stopped = threading.Event()
+        self.fired: Optional[str] = None
+        self.seen: set[int] = set()  # the workers that ran
+        self._thread = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+
+    def start(self) -> "WorkerWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            alive = worker_pids(os.getpid())
+            gone = self.seen - alive
+            self.seen |= alive
+            if gone and not self.stopped.wait(self.grace_s) and not self._signalled():
+                self.fired = f"SDK worker process {sorted(gone)} exited while the job ran"
+                LOG.error("error: %s; stopping the job so that it is restarted (exit code 3)", self.fired)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def _signalled(self) -> bool:
+        """Whether a signal reached the launcher already (its first handler was replaced)."""
+        return signal.getsignal(signal.SIGTERM) is not self.signal_handler

@@ -1,11 +1,18 @@
 """pipelines.workers and the read chains of pipelines.streaming.build: which step runs in
 which environment (so in which SDK worker process) with --worker_processes 2."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import AnalyticsOptions
 from pipelines.streaming import build, chain_suffix, share_partitions
-from pipelines.workers import pin_chains
+from pipelines.workers import WorkerWatch, pin_chains, worker_pids
 from transforms.kafka_read import PartitionSpec
 from transforms.ledger import Seeds, WindowLedger
 from transforms.resume import ResumePoint
@@ -69,3 +76,30 @@ def test_the_second_chain_runs_whole_in_an_environment_of_its_own():
                 or n.startswith("Windows/Write") or "FoldIntoWindows/" in n]
     assert "Windows/WindowedMetrics/FoldIntoWindows/ParDo(FoldIntoWindows)" in sdk[
         next(e for e in sdk if "default" in e)]
+
+
+def test_the_watch_stops_the_job_when_a_worker_process_ends():
+    """A child process named like a worker ends: the watch sends this process SIGTERM
+    (the launcher's drain) and says which worker it was (the exit code 3's reason)."""
+    termed = threading.Event()
+
+    def launcher_handler(signum, frame):
+        termed.set()
+
+    previous = signal.signal(signal.SIGTERM, launcher_handler)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "pipelines.worker_boot"])
+    watch = WorkerWatch(launcher_handler, every_s=0.1, grace_s=0.2).start()
+    try:
+        assert child.pid in worker_pids(os.getpid())
+        while child.pid not in watch.seen:
+            assert child.poll() is None
+            time.sleep(0.05)
+        child.kill()
+        child.wait()
+        assert termed.wait(60)
+        assert watch.fired is not None and str(child.pid) in watch.fired
+    finally:
+        watch.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
