@@ -94,10 +94,13 @@ def test_two_runs_back_to_back_add_up(fresh_stack):
     assert_exact(fresh_stack, first + second)
 
 
-def test_sigterm_mid_stream_then_restart(fresh_stack):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_mid_stream_then_restart(fresh_stack, processes):
+    """With --worker_processes 2 too: the workers Prism ends on the cancel are no reason
+    for pipelines.workers.WorkerWatch to make the exit code 3."""
     produced = produce_stream(fresh_stack, 30000, seed=21)
-    job = start_job(fresh_stack, until_idle=30, early_firing=1)
-    wait_until(job, lambda: committed_total(fresh_stack) > 5000)
+    job = start_job(fresh_stack, until_idle=30, early_firing=1, worker_processes=processes)
+    wait_until(job, lambda: committed_total(fresh_stack) > 5000, timeout=120 * processes)
     job.send_signal(signal.SIGTERM)
     assert job.wait(60) == 0, job.stderr.read()[-3000:]
     restart_until_idle(fresh_stack)
