@@ -13,7 +13,9 @@ with different resource hints environments of their own; so:
   and the alerts stay in the default environment. The whole chain must be
   in one environment: a step in another would not fuse with the reader, and
   the reader would commit offsets of a bundle whose archive, ledger,
-  profiles or dead letters were not durable yet.
+  profiles or dead letters were not durable yet
+  (tests/test_workers.py::test_the_second_chain_runs_whole_in_an_environment_of_its_own;
+  the benchmark's 2-process drain shows the two worker processes' figures).
 - ``use_worker_processes``: every environment is a PROCESS environment
   whose command is an executable written here that runs
   ``python -m pipelines.worker_boot`` (see there) with this interpreter and
