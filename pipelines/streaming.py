@@ -40,7 +40,9 @@ from pipelines import logs
 from pipelines.options import (AnalyticsOptions, LogOptions, ServiceOptions, lenient, check_options, fail,
                                help_if_asked, redact, use_local_runner)
 from pipelines.preflight import check_services
+from pipelines.workers import WorkerWatch, pin_chains, use_worker_processes
 from service.launcher import Stop, run_job
+from service.launcher import _on_signal as launcher_signal_handler  # WorkerWatch: has a signal come?
 from service.server import ServerError, Service
 from service.status import redact_options
 from transforms.aggregate import WindowedMetrics
@@ -82,6 +84,14 @@ class StreamingOptions(PipelineOptions):
                             help="debug: append to PATH, per bundle, when events of each 1-minute window "
                                  "were polled, folded, fired by the trigger and emitted as a pane "
                                  "(transforms/latency_trace.py; the latency benchmark reads it)")
+        parser.add_argument("--worker_processes", type=int, default=1,
+                            help="run the job's Python work in this many SDK worker processes: the "
+                                 "partitions are shared among as many reads, each with its archive, "
+                                 "fold and profiles, each in a process of its own (the first with the "
+                                 "windows' merge and the sinks); 1 runs it in this process")
+        parser.add_argument("--read_chains", type=int, default=None,
+                            help="how many reads share the partitions (default: --worker_processes); "
+                                 "more reads than processes measure what the split alone does")
 
 
 def read_config(opts: AnalyticsOptions) -> KafkaReadConfig:
@@ -107,23 +117,50 @@ def windows(opts: AnalyticsOptions, point: ResumePoint) -> WindowedMetrics:
         retry=opts.sink_retry_config(), trace_path=opts.view_as(StreamingOptions).latency_trace)
 
 
-def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
-    """Wires the transforms; shared by ``run`` and the tests. Connects to nothing, exits nothing."""
+def chain_suffix(i: int) -> str:
+    """The step-name suffix of read chain ``i``: none for the first (the graph
+    of one chain is the graph of old), ``Chain<i>`` after."""
+    return f"Chain{i}" if i else ""
+
+
+def share_partitions(partitions: list, chains: int) -> list[list]:
+    """``partitions`` dealt round-robin into ``chains`` shares (each non-empty)."""
+    return [s for s in (partitions[i::chains] for i in range(chains)) if s]
+
+
+def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint, chains: int = 1) -> int:
+    """Wires the transforms; shared by ``run`` and the tests. Connects to nothing, exits nothing.
+
+    ``chains``: how many reads, each of a share of the partitions, each with
+    everything that must be durable before its offsets are committed fused
+    behind it (archive, lateness and fold with the ledger, profiles, dead
+    letters); their partials meet in the windows' merge. Steps of chain i > 0
+    carry the suffix ``Chain<i>`` (see pipelines.workers, which runs each
+    chain in a worker process of its own). Returns the number of chains built
+    (fewer than ``chains`` when there are fewer partitions)."""
     retry = opts.sink_retry_config()
-    decoded = p | "ValidEvents" >> ReadValidEvents(read_config(opts), point.partitions, opts.max_future * 1000)
-    refused = (decoded.events | "ArchiveRawEvents" >> ArchiveRawEvents(opts.postgres_dsn, retry)
-               if opts.archive == "true" else None)
-    windowed = decoded.events | "Windows" >> WindowedMetricsToSinks(windows(opts, point), opts.aggregate_sinks())
-    # AlertSignals of the fast-answers rule; published below with the other rules' signals.
-    profile_signals = (decoded.events | "Profiles" >> UpdateProfiles(opts.postgres_dsn, opts.redis_url, opts.group_id,
-                                                                    retry)
-                       if opts.view_as(StreamingOptions).profiles == "true" else None)
+    profiles = opts.view_as(StreamingOptions).profiles == "true"
+    events, letters, profile_signals = [], {}, {}
+    for i, share in enumerate(share_partitions(point.partitions, chains)):
+        sfx = chain_suffix(i)
+        decoded = p | f"ValidEvents{sfx}" >> ReadValidEvents(read_config(opts), share, opts.max_future * 1000)
+        events.append(decoded.events)
+        letters[sfx] = decoded.dead_letters
+        if opts.archive == "true":
+            letters[f"ArchiveErrors{sfx}"] = decoded.events | f"ArchiveRawEvents{sfx}" >> ArchiveRawEvents(
+                opts.postgres_dsn, retry)
+        if profiles:  # AlertSignals of the fast-answers rule; published below with the other rules' signals.
+            profile_signals[f"Profiles{sfx}"] = decoded.events | f"Profiles{sfx}" >> UpdateProfiles(
+                opts.postgres_dsn, opts.redis_url, opts.group_id, retry)
+    windowed = (events[0] if len(events) == 1 else tuple(events)) | "Windows" >> WindowedMetricsToSinks(
+        windows(opts, point), opts.aggregate_sinks())
+    too_late, fold_errors = ((windowed.too_late,), (windowed.fold_errors,)) if len(events) == 1 else (
+        windowed.too_late, windowed.fold_errors)
+    for i, (late, errors) in enumerate(zip(too_late, fold_errors)):
+        letters[f"TooLate{chain_suffix(i)}"], letters[f"FoldErrors{chain_suffix(i)}"] = late, errors
     # One producer step per stream, no Flatten: each stays fused with the
     # reader, whose offsets are committed only once their bundle's dead
     # letters are flushed.
-    letters = {"": decoded.dead_letters, "TooLate": windowed.too_late, "FoldErrors": windowed.fold_errors}
-    if refused is not None:
-        letters["ArchiveErrors"] = refused
     letters | "DeadLetters" >> PublishDeadLetterStreams(
         DeadLetterTopic(opts.brokers, opts.dlq_topic, retry), already_published=point.dead_lettered)
     # Anomaly alerts: rules on the 1m/5m panes and the dead letters, one alert per episode. Each
@@ -132,12 +169,12 @@ def build(p: beam.Pipeline, opts: AnalyticsOptions, point: ResumePoint) -> None:
     signals = windowed.panes | "AlertRules" >> EvaluateAlertRules(
         opts.topic_list(), opts.postgres_dsn if "postgres" in opts.sink_set() else None, retry, letters,
         letters_dsn=opts.postgres_dsn)
-    if profile_signals is not None:
-        signals["Profiles"] = profile_signals
+    signals.update(profile_signals)
     targets = AlertTargets(opts.brokers, opts.postgres_dsn,
                            opts.redis_url if "redis" in opts.sink_set() else None, opts.alerts_topic, retry)
     for name, stream in signals.items():
         stream | f"Alerts{name}" >> PublishAlerts(targets)
+    return len(events)
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -182,11 +219,25 @@ def resume_and_run(options: PipelineOptions, opts: AnalyticsOptions, service: Op
     print(f"resuming {len(point.partitions)} partitions: {seeds.windows} open windows to seed from "
           f"{seeds.rows} ledger rows (ready in {seeds.seconds:.2f}s), {len(point.dead_lettered)} records "
           "already dead-lettered", file=sys.stderr)
+    sopts = options.view_as(StreamingOptions)
+    if sopts.worker_processes > 1:
+        use_worker_processes(options)
     p = beam.Pipeline(options=options)
-    build(p, opts, point)
+    chains = build(p, opts, point, chains=sopts.read_chains or sopts.worker_processes)
+    if sopts.worker_processes > 1:
+        pin_chains(p, {f"ValidEvents{chain_suffix(i)}": i % sopts.worker_processes for i in range(chains)})
     compactor = LedgerCompactor(read_config(opts), point.partitions, point.ledger,
                                 min(opts.window_sizes_s()), opts.allowed_lateness * 1000)
-    return run_job(p, service, compactor, stop)
+    if sopts.worker_processes <= 1:
+        return run_job(p, service, compactor, stop)
+    watch = WorkerWatch(launcher_signal_handler).start()
+    try:
+        code = run_job(p, service, compactor, stop)
+    finally:
+        watch.stop()
+    if watch.fired:
+        code, stop.reason = 3, watch.fired
+    return code
 
 
 def option_names(*option_classes) -> list[str]:

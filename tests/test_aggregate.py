@@ -421,3 +421,23 @@ def test_a_sub_second_early_firing_reaches_the_runner_in_milliseconds():
               for d in delays]
     assert millis == [500, 5000]
     assert WindowedMetrics(window_sizes_s=(60,), early_firing_s=5).early_delay_s(60) == 5  # as before
+
+
+def test_two_event_streams_fold_apart_and_merge_into_one_total():
+    """A tuple of streams (one per read chain of pipelines.streaming): each stream's
+    lateness and fold errors stay its own, and a window's total counts both streams."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    a = [event("question_answered", answer(BASE_MS + i * S, user="a", correct=True)) for i in range(3)]
+    b = [event("question_answered", answer(BASE_MS + 30 * S + i * S, user="b", correct=False)) for i in range(2)]
+    broken = dict(answer(BASE_MS + 40 * S, user="c"))
+    del broken["response_time_ms"]  # folding it raises KeyError
+    bad = event("question_answered", broken)._replace(offset=9)
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        first = p | "A" >> beam.Create([a])
+        second = p | "B" >> beam.Create([b + [bad]])
+        result = (first, second) | WindowedMetrics(window_sizes_s=(60,), early_firing_s=None)
+        # 5 answers by 2 users in minute 0, whichever stream brought them.
+        assert_that(result.panes["1m"] | beam.Map(overall), equal_to([(60, 0, "ON_TIME", 5.0, 2.0)]))
+        assert len(result.fold_errors) == 2 and len(result.too_late) == 2
+        assert_that(result.fold_errors[0], equal_to([]), label="NoFoldErrorsInA")
+        assert_that(result.fold_errors[1] | beam.Map(lambda d: d.source_offset), equal_to([9]), label="FoldErrorsB")

@@ -703,6 +703,8 @@ class _AfterProcessingTime(trigger.AfterProcessingTime):
 
 
 class WindowedResult(NamedTuple):
+    """What WindowedMetrics makes. Given a tuple of event streams, ``too_late``
+    and ``fold_errors`` are tuples too, one PCollection per stream, in order."""
     panes: dict                # window label -> PCollection of WindowAggregate
     too_late: PCollection      # of DeadLetter (TOO_LATE)
     fold_errors: PCollection   # of DeadLetter (PROCESSING_ERROR): events whose counters raised
@@ -779,19 +781,33 @@ class WindowedMetrics(beam.PTransform):
                     _seed_pane, size, window_label(size)).with_output_types(WindowKeyedPartial)
                 for size in self.window_sizes_s}
 
-    def expand(self, event_batches: PCollection) -> WindowedResult:
+    def _fold(self, event_batches: PCollection, suffix: str):
+        """One stream's lateness check and fold: (partials by label, too late, fold errors).
+        Both steps are ParDos, so they fuse with whatever made ``event_batches``."""
         labels = [window_label(s) for s in self.window_sizes_s]
-        on_time, too_late = event_batches | "RejectLateEvents" >> RejectLateEvents(
+        on_time, too_late = event_batches | f"RejectLateEvents{suffix}" >> RejectLateEvents(
             self.window_sizes_s[0], self.allowed_lateness_s, self.dead_lettered)
-        partials = on_time | "FoldIntoWindows" >> beam.ParDo(
+        partials = on_time | f"FoldIntoWindows{suffix}" >> beam.ParDo(
             FoldIntoWindows(self.window_sizes_s, self.ledger, self.retry, self.trace_path)).with_outputs(FOLD_ERRORS, *labels)
+        return partials, too_late, partials[FOLD_ERRORS]
+
+    def expand(self, event_batches) -> WindowedResult:
+        """``event_batches``: a PCollection, or a tuple of them (say, one per
+        reader of a share of the partitions): each is checked for lateness
+        and folded on its own (steps ``RejectLateEvents<i>``,
+        ``FoldIntoWindows<i>`` from the second on), and their partials meet
+        before the merge (``Partials<label>``)."""
+        streams = tuple(event_batches) if isinstance(event_batches, (tuple, list)) else (event_batches,)
+        folded = [self._fold(batches, str(i) if i else "") for i, batches in enumerate(streams)]
         lateness_s = self.allowed_lateness_s + RUNNER_LATENESS_MARGIN_S
         panes = {}
-        seed_panes = self._seed_panes(event_batches.pipeline)
-        for size, label in zip(self.window_sizes_s, labels):
+        seed_panes = self._seed_panes(streams[0].pipeline)
+        for size, label in zip(self.window_sizes_s, [window_label(s) for s in self.window_sizes_s]):
             seeds = seed_panes[label]
+            partials = (folded[0][0][label] if len(folded) == 1 else
+                        tuple(f[0][label] for f in folded) | f"Partials{label}" >> beam.Flatten())
             fired = (
-                partials[label]
+                partials
                 | f"Window{label}" >> beam.WindowInto(
                     window.FixedWindows(size), trigger=self._trigger(size),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
@@ -804,4 +820,6 @@ class WindowedMetrics(beam.PTransform):
                 | f"Accumulate{label}" >> beam.ParDo(AccumulatePanes(
                     lateness_s, self.early_firing_s is not None, self.catch_up_after_s,
                     self.expire_state, self.trace_path)))
-        return WindowedResult(panes, too_late, partials[FOLD_ERRORS])
+        if not isinstance(event_batches, (tuple, list)):
+            return WindowedResult(panes, folded[0][1], folded[0][2])
+        return WindowedResult(panes, tuple(f[1] for f in folded), tuple(f[2] for f in folded))

@@ -18,6 +18,7 @@ from scripts.benchmark.jobs import Job
 from scripts.benchmark.latency import run_latency
 from scripts.benchmark.memory import run_memory
 from scripts.benchmark.printer import print_report
+from scripts.benchmark.processes import run_worker_processes
 from scripts.benchmark.replay import run_replay
 from scripts.benchmark.report import Report
 from scripts.benchmark.throughput import run_pipeline_throughput
@@ -61,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                     help="K busy-loop processes beside the drains, ended when they end (each stops by "
                          "itself after --pipeline_timeout x --drains seconds); the load average during "
                          "the drains is reported (default: %(default)s)")
+    ap.add_argument("--worker_processes", "--worker-processes", type=int, default=2, metavar="N",
+                    help="the all-sinks drain once more with the job in N SDK worker processes, and "
+                         "its scaling over the one-process drain (default: %(default)s)")
     ap.add_argument("--pipeline_arg", "--pipeline-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for every streaming job, repeatable, e.g. "
                          "--pipeline_arg=--prism_log_level=debug (default: none)")
@@ -70,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     for what, runs in (("throughput", "producing, the baseline and the streaming and replay runs"),
                        ("sinks-off", "the streaming run with sinks off"), ("latency", "the live-latency run"),
                        ("replay", "the replay to Parquet"),
-                       ("memory", "the memory run (the open-ended job over --memory_hours of event time)")):
+                       ("memory", "the memory run (the open-ended job over --memory_hours of event time)"),
+                       ("worker-processes", "the --worker_processes drain")):
         ap.add_argument(f"--skip_{what.replace('-', '_')}", f"--skip-{what}", action="store_true",
                         help=f"skip {runs} (default: off)")
     return ap
@@ -119,7 +124,13 @@ def _throughput(a: argparse.Namespace, bench: Bench, rep: Report) -> None:
     """Produce, baseline, all sinks (or drains), sinks off, replay: into rep.throughput."""
     t: dict = {"events": a.events, "span_seconds": float(SPAN_S), "json_fraction": 0.1}
     rep.throughput = t
-    _all_sinks(a, bench, rep, t, _produce_and_fold(a, bench, t))
+    overall = _produce_and_fold(a, bench, t)
+    _all_sinks(a, bench, rep, t, overall)
+    if not a.skip_worker_processes:
+        run = _guarded(rep, "pipeline, worker processes", run_worker_processes, bench, a.events,
+                       a.worker_processes, a.pipeline_timeout, overall, t.get("pipeline_all_sinks"))
+        if run is not None:
+            t["pipeline_worker_processes"] = run
     if not a.skip_sinks_off:
         run = _guarded(rep, "pipeline, sinks off", run_pipeline_throughput,
                        bench, a.events, "pipeline, sinks off", a.pipeline_timeout, sinks_on=False,

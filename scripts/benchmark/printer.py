@@ -106,6 +106,25 @@ def _print_drains(dr: Optional[dict], events: int) -> None:
       + (f"; a shared service went away during {dr['with_outage']} of them" if dr.get("with_outage") else ""))
 
 
+def _process_rows(w: Optional[dict]) -> list:
+    """The rate rows of the --worker_processes drain, each with its scaling over one process."""
+    if not w:
+        return []
+    n, sc = w["worker_processes"], w.get("scaling", {})
+    return [(f"  {n} worker processes: {what} (x{fmt(sc.get(key))} of 1 process)", w.get(key))
+            for what, key in (("end to end", "end_to_end_events_per_s"), ("ingest", "ingest_events_per_s"),
+                              ("wall only", "wall_only_events_per_s"))]
+
+
+def _print_worker_processes(w: Optional[dict]) -> None:
+    if not w:
+        return
+    _print_run(w)
+    _print_all_sinks(w)
+    _print_check(w.get("check"))
+    p(f"scaling, {w['worker_processes']} worker processes over 1 (rate / rate): {w.get('scaling')}")
+
+
 def _print_rates(t: dict) -> None:
     a, s = t.get("pipeline_all_sinks", {}), t.get("pipeline_sinks_off", {})
     replay, replay1 = t.get("replay_to_parquet", {}), t.get("replay_to_parquet_1_worker", {})
@@ -113,6 +132,7 @@ def _print_rates(t: dict) -> None:
     rows = [("pipeline, all sinks: end to end  N/(last agg - first read - idle)", a.get("end_to_end_events_per_s")),
             ("pipeline, all sinks: ingest      N/(max - min ingested_at)", a.get("ingest_events_per_s")),
             ("pipeline, all sinks: wall only   N/wall", a.get("wall_only_events_per_s")),
+            *_process_rows(t.get("pipeline_worker_processes")),
             ("pipeline, sinks off: N/(wall - startup - idle), startup = all-sinks first read",
              s.get("wall_events_per_s_startup_reference")),
             ("pipeline, sinks off: N/(wall - startup - idle), startup = first commit",
@@ -145,6 +165,7 @@ def _print_throughput(t: Optional[dict]) -> None:
             _print_run(r)
     _print_all_sinks(t.get("pipeline_all_sinks", {}))
     _print_check(t.get("check"))
+    _print_worker_processes(t.get("pipeline_worker_processes"))
     _print_drains(t.get("drains"), t["events"])
     _print_rates(t)
 

@@ -92,12 +92,13 @@ def _sinks_off_figures(watcher: OffsetWatcher, n: int, wall: float, reference_st
 
 
 def run_pipeline_throughput(bench: Bench, n: int, label: str, timeout: float, sinks_on: bool,
-                            reference_startup: Optional[float] = None) -> dict:
+                            reference_startup: Optional[float] = None, job_args: Optional[dict] = None) -> dict:
     """In: the stack with ``n`` produced events, a label, the hang timeout, sinks on or off
-    (and, for sinks off, the all-sinks run's start-up). Out: the run's figures (exit code,
-    wall time, commit times, rates, Prism log lines, ...)."""
+    (and, for sinks off, the all-sinks run's start-up; ``job_args``: more job options, by
+    name). Out: the run's figures (exit code, wall time, commit times, rates, Prism log lines, ...)."""
     group = bench.group(label)
-    extra = {"until_idle": IDLE_S, "start_from": "earliest", "early_firing": 5, **_sinks(sinks_on)}
+    extra = {"until_idle": IDLE_S, "start_from": "earliest", "early_firing": 5, **_sinks(sinks_on),
+             **(job_args or {})}
     job, watcher, rc, hung = _run(bench, n, label, group, timeout, extra)
     leftovers = job.reap_group()
     wall = (job.ended or time.time()) - job.started

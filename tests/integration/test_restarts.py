@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from pipelines.workers import worker_pids
 from scripts.produce import TrafficConfig
 from tests.integration.conftest import BROKERS, REPO
 from tests.integration.expected import assert_metrics_match, expected_metrics
@@ -93,10 +94,13 @@ def test_two_runs_back_to_back_add_up(fresh_stack):
     assert_exact(fresh_stack, first + second)
 
 
-def test_sigterm_mid_stream_then_restart(fresh_stack):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_mid_stream_then_restart(fresh_stack, processes):
+    """With --worker_processes 2 too: the workers Prism ends on the cancel are no reason
+    for pipelines.workers.WorkerWatch to make the exit code 3."""
     produced = produce_stream(fresh_stack, 30000, seed=21)
-    job = start_job(fresh_stack, until_idle=30, early_firing=1)
-    wait_until(job, lambda: committed_total(fresh_stack) > 5000)
+    job = start_job(fresh_stack, until_idle=30, early_firing=1, worker_processes=processes)
+    wait_until(job, lambda: committed_total(fresh_stack) > 5000, timeout=120 * processes)
     job.send_signal(signal.SIGTERM)
     assert job.wait(60) == 0, job.stderr.read()[-3000:]
     restart_until_idle(fresh_stack)
@@ -120,6 +124,71 @@ def test_sigkill_then_restart(fresh_stack, moment):
         job.wait(30)
     restart_until_idle(fresh_stack)
     assert_exact(fresh_stack, produced)
+
+
+def test_a_killed_job_with_two_worker_processes_resumes_exactly(fresh_stack):
+    """--worker_processes 2: two reads, each with its archive, fold and profiles, in two
+    SDK worker processes (pipelines.workers); SIGKILL of the process group (launcher,
+    Prism, both workers) once half the records were committed, then a restart, again
+    in two processes: every total, archived event and dead letter exactly once."""
+    produced = produce_stream(fresh_stack, 30000, seed=41)
+    job = start_job(fresh_stack, until_idle=30, early_firing=1, worker_processes=2)
+    try:
+        wait_until(job, lambda: committed_total(fresh_stack) >= len(produced) // 2, timeout=240)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(30)
+    proc = fresh_stack.run_streaming(until_idle=5, early_firing=1, worker_processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_exact(fresh_stack, produced)
+
+
+def test_a_job_whose_worker_process_died_exits_and_resumes_exactly(fresh_stack):
+    """--worker_processes 2: SIGKILL of the second chain's worker alone (a crash, the OOM
+    killer). Prism 2.77 fails the job when the worker had bundles in progress (exit 1),
+    and leaves it hanging when it had none; then pipelines.workers.WorkerWatch stops it
+    with exit code 3. Either way the job ends, non-zero, with no worker left behind, and
+    the restart is exact."""
+    produced = produce_stream(fresh_stack, 30000, seed=51)
+    job = start_job(fresh_stack, until_idle=30, early_firing=1, worker_processes=2)
+    try:
+        wait_until(job, lambda: committed_total(fresh_stack) >= 2000, timeout=600)  # mid-stream
+        (victim,) = [pid for pid in worker_pids(job.pid) if "resource_hints" in cmdline(pid)]
+        os.kill(victim, signal.SIGKILL)
+        code = job.wait(180)  # hangs without the watch
+        err = job.stderr.read()
+        assert code in (1, 3), err[-3000:]
+        assert "SDK worker" in err  # Prism's "SDK worker disconnected", or the watch's line
+        deadline = time.monotonic() + 60  # Prism ends its workers as it stops
+        while group_workers(job.pid) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not group_workers(job.pid), "a worker process was left running"
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(30)
+    proc = fresh_stack.run_streaming(until_idle=5, early_firing=1, worker_processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_exact(fresh_stack, produced)
+
+
+def group_workers(pgid: int) -> list[int]:
+    """The live pipelines.worker_boot processes of process group ``pgid``."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z" and "pipelines.worker_boot" in cmdline(int(name)):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
 
 
 def test_a_second_run_of_the_group_waits_for_the_first_to_stop(fresh_stack):
