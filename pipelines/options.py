@@ -269,6 +269,8 @@ NUMERIC_OPTIONS = {
     "until_idle": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 10"),
     "stall_timeout": _Number(float, 0, True, None, "a number of seconds, or 0 to turn the watchdog off, e.g. 300"),
     "workers": _Number(int, 1, True, None, "a whole number of worker processes, 1 or more, e.g. 4"),
+    "worker_processes": _Number(int, 1, True, None, "a whole number of worker processes, 1 or more, e.g. 2"),
+    "read_chains": _Number(int, 1, True, None, "a whole number of reads, 1 or more, e.g. 2"),
     "progress_every": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 5"),
     "sink_retries": _Number(int, 1, True, None, "a whole number of attempts, 1 or more, e.g. 3"),
     "sink_probe_interval": _Number(float, 0, False, None, "a number of seconds above 0, e.g. 2"),
@@ -304,7 +306,7 @@ def check_options(options: PipelineOptions) -> None:
         return f"--{option} {shown!r}"
 
     for option, rule in NUMERIC_OPTIONS.items():
-        if option in values and not (option == "until_idle" and values[option] is None):
+        if option in values and values[option] is not None:  # None: an option left unset (--until_idle)
             problem = _number_problem(values[option], rule)
             if problem:
                 fail(f"{name(option, values[option])}: {problem}; give {rule.give}")
