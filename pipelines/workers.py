@@ -156,7 +156,7 @@ class WorkerWatch:
     tests/integration/test_restarts.py::
     test_a_job_whose_worker_process_died_exits_and_resumes_exactly).
     So this thread follows the job's workers, and when one that ran is gone
-    while the job still runs (``grace_s`` later), it sends this process SIGTERM:
+    while the job still runs (``grace_s`` later, another worker still alive), it sends this process SIGTERM:
     the launcher's usual drain cancels the job, and ``fired`` makes the
     exit code 3 (restart me), as the read watchdog's in a one-process job. A
     SIGTERM that came first (a deliberate stop, which ends the workers
@@ -182,7 +182,11 @@ class WorkerWatch:
             alive = worker_pids(os.getpid())
             gone = self.seen - alive
             self.seen |= alive
-            if gone and not self.stopped.wait(self.grace_s) and not self._signalled():
+            # Only while another worker of the job lives on: when the job ends
+            # (say, drained), Prism ends every worker, and the launcher may still
+            # be finishing up (compaction, summary) after the grace.
+            if (gone and not self.stopped.wait(self.grace_s) and not self._signalled()
+                    and worker_pids(os.getpid())):
                 self.fired = f"SDK worker process {sorted(gone)} exited while the job ran"
                 LOG.error("error: %s; stopping the job so that it is restarted (exit code 3)", self.fired)
                 os.kill(os.getpid(), signal.SIGTERM)

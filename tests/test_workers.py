@@ -79,19 +79,21 @@ def test_the_second_chain_runs_whole_in_an_environment_of_its_own():
 
 
 def test_the_watch_stops_the_job_when_a_worker_process_ends():
-    """A child process named like a worker ends: the watch sends this process SIGTERM
-    (the launcher's drain) and says which worker it was (the exit code 3's reason)."""
+    """One of two child processes named like workers ends while the other lives on:
+    the watch sends this process SIGTERM (the launcher's drain) and says which worker
+    it was (the exit code 3's reason)."""
     termed = threading.Event()
 
     def launcher_handler(signum, frame):
         termed.set()
 
     previous = signal.signal(signal.SIGTERM, launcher_handler)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "pipelines.worker_boot"])
+    child, other = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "pipelines.worker_boot"])
+                    for _ in range(2))
     watch = WorkerWatch(launcher_handler, every_s=0.1, grace_s=0.2).start()
     try:
-        assert child.pid in worker_pids(os.getpid())
-        while child.pid not in watch.seen:
+        assert {child.pid, other.pid} <= worker_pids(os.getpid())
+        while not {child.pid, other.pid} <= watch.seen:
             assert child.poll() is None
             time.sleep(0.05)
         child.kill()
@@ -101,5 +103,32 @@ def test_the_watch_stops_the_job_when_a_worker_process_ends():
     finally:
         watch.stop()
         signal.signal(signal.SIGTERM, previous)
-        if child.poll() is None:
-            child.kill()
+        for proc in (child, other):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_watch_leaves_a_job_alone_whose_workers_all_ended():
+    """Every worker ends (the job finished, or Prism failed it and ended them): no
+    SIGTERM, whatever the launcher still does afterwards."""
+    termed = threading.Event()
+
+    def launcher_handler(signum, frame):
+        termed.set()
+
+    previous = signal.signal(signal.SIGTERM, launcher_handler)
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "pipelines.worker_boot"])
+                for _ in range(2)]
+    watch = WorkerWatch(launcher_handler, every_s=0.1, grace_s=0.2).start()
+    try:
+        while not {c.pid for c in children} <= watch.seen:
+            time.sleep(0.05)
+        for c in children:
+            c.kill()
+            c.wait()
+        assert not termed.wait(2.0)  # the watch looked several times (every 0.1 s, grace 0.2 s)
+        assert watch.fired is None
+    finally:
+        watch.stop()
+        signal.signal(signal.SIGTERM, previous)
