@@ -58,6 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # warning about every one it does not know.
     import pipelines.streaming  # noqa: F401
     from apache_beam.runners.worker import sdk_worker, sdk_worker_main
+    # Private in Beam 2.77: if it is renamed, setting it would silently do nothing
+    # and the processes' counters would mix again, so refuse to start instead.
+    if not hasattr(sdk_worker.SHORT_ID_CACHE, "_last_short_id"):
+        raise SystemExit("error: this Beam has no SHORT_ID_CACHE._last_short_id; "
+                         "pipelines/worker_boot.py must number metric short ids another way")
     sdk_worker.SHORT_ID_CACHE._last_short_id = os.getpid() << SHORT_ID_SHIFT
     sdk_worker_main.main(sys.argv)
     return 0

@@ -9,7 +9,7 @@ step appends one JSON line per bundle or pane to that file::
 ``poll``, ``fold`` and ``fired``), or the window's total so far (for ``pane``,
 flagged ``"total": true``). Summed per stage and window over time they give,
 like the Redis poller's counts, the moment the k-th event of a window passed
-each stage (scripts/benchmark/latency_stats.stage_latencies). Stages, in the
+each stage (scripts/benchmark/latency_stats.stage_breakdown). Stages, in the
 order an event passes them:
 
 - ``poll``: ReadPartitionFn got the record from the consumer (record time = event time);
@@ -20,8 +20,9 @@ order an event passes them:
 - ``fired``: the 1-minute window's trigger fired a pane holding it (KeyByWindow);
 - ``pane``: AccumulatePanes emitted the window's row with it (to the sinks).
 
-The SDK worker runs in one process (the launcher, on Prism), so one lock and
-one file handle serve every DoFn instance. Writes are per bundle, never per
+One lock and one file handle serve every DoFn instance of a process; with
+``--worker_processes`` several processes append to the file, each line whole
+(append mode, line-buffered). Writes are per bundle, never per
 event; with no path nothing is computed.
 """
 from __future__ import annotations

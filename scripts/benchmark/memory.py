@@ -34,11 +34,6 @@ from scripts.benchmark.memory_stats import HOUR_MS, MB, at_hours, first_steady_h
 from scripts.produce import TrafficConfig, generate, produce
 
 ALLOWED_LATENESS_S = 3600  # the job's default, passed explicitly so the fit's first hour follows it
-# Beam 2.77's PortableRunner (what PrismRunner submits through) opens the job's state and
-# message streams with a gRPC deadline of --job_server_timeout (default 300 s): an
-# open-ended job's launcher then fails with DEADLINE_EXCEEDED and exits 1 after 300 s
-# of wall time (seen in this run's first day, 2026-11-29). The memory run outlasts that.
-JOB_SERVER_TIMEOUT_S = 7 * 86400
 SAMPLE_S = 1.0
 SETTLE_S = 15.0            # samples after everything was read, before SIGTERM
 PROGRESS_S = 30.0
@@ -233,8 +228,8 @@ def run_memory(bench: Bench, hours: float, per_hour: int, timeout: Optional[floa
     n, start_ms, end_ms = _produce_day(bench, hours, per_hour, res)
     res.update(events=n, first_event_ms=start_ms, last_event_ms=end_ms)
     port = _free_port()
-    job = Job(bench.pipeline_args(group, http_port=port, allowed_lateness=ALLOWED_LATENESS_S,
-                                  job_server_timeout=JOB_SERVER_TIMEOUT_S), "memory")
+    # The job outlives Beam's --job_server_timeout (300 s): pipelines.options.no_stream_deadline.
+    job = Job(bench.pipeline_args(group, http_port=port, allowed_lateness=ALLOWED_LATENESS_S), "memory")
     log(f"memory: pid {job.proc.pid}: streaming job, open-ended (no --until_idle), all sinks, "
         f"--allowed_lateness {ALLOWED_LATENESS_S}, status on :{port}")
     s = _Samples(job, port)
