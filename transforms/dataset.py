@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Any, BinaryIO, Iterable, Optional
 
 import apache_beam as beam
@@ -29,7 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.value_provider import StaticValueProvider
 
 from schemas import default_registry
-from transforms.records import Event
+from transforms.records import DAY_MS, Event, utc_day
 
 _ARROW = {"string": pa.string(), "boolean": pa.bool_(), "int": pa.int32(), "long": pa.int64(),
           "float": pa.float32(), "double": pa.float64(), "bytes": pa.binary()}
@@ -58,22 +57,11 @@ def arrow_schema(event_type: str) -> pa.Schema:
     return pa.schema(fields + [pa.field(n, t, nullable=False) for n, t in SOURCE_COLUMNS])
 
 
-_DAY_MS = 86_400_000
-_DAYS: dict[int, str] = {}  # days since 1970 -> "YYYY-MM-DD"; a range spans few
-
-
-def _day(event_time_ms: int) -> str:
-    """The UTC date of an event time, as YYYY-MM-DD (whole days since 1970: no float, no datetime per event)."""
-    days = event_time_ms // _DAY_MS
-    text = _DAYS.get(days)
-    if text is None:
-        text = _DAYS[days] = datetime.fromtimestamp(days * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
-    return text
 
 
 def partition_of(event: Event) -> str:
     """The folder of one event: ``event_date=YYYY-MM-DD/event_type=<type>`` (UTC date of its event time)."""
-    return f"event_date={_day(event.event_time_ms)}/event_type={event.event_type}"
+    return f"event_date={utc_day(event.event_time_ms)}/event_type={event.event_type}"
 
 
 def to_row(event: Event) -> dict:
@@ -113,7 +101,7 @@ class BatchByPartitionFn(beam.DoFn):
     def process(self, batch: list[Event]) -> Iterable[tuple[str, list[Event]]]:
         by_folder: dict[tuple[int, str], list[Event]] = {}
         for e in batch:
-            key = (e.event_time_ms // _DAY_MS, e.event_type)
+            key = (e.event_time_ms // DAY_MS, e.event_type)
             group = by_folder.get(key)
             if group is None:
                 group = by_folder[key] = []

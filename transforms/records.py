@@ -5,7 +5,21 @@ and readable in tests.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import NamedTuple, Optional
+
+DAY_MS = 86_400_000
+_DAYS: dict[int, str] = {}  # days since 1970 -> "YYYY-MM-DD"; a stream spans few
+
+
+def utc_day(event_time_ms: int) -> str:
+    """The UTC date of an event time, as YYYY-MM-DD (cached per whole day since
+    1970: no float and no datetime per event on the hot path)."""
+    days = event_time_ms // DAY_MS
+    text = _DAYS.get(days)
+    if text is None:
+        text = _DAYS[days] = datetime.fromtimestamp(days * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
+    return text
 
 
 class KafkaRecord(NamedTuple):

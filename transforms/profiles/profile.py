@@ -28,11 +28,11 @@ not ended, and the latest session ended is the only one to compare with.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Optional
 
 from transforms.alerts.signal import AlertSignal
-from transforms.records import Event
+from transforms.records import Event, utc_day
 
 # The recency-weighted accuracy: an answer's weight halves every HALF_LIFE_MS of
 # EVENT time before the user's latest answer (an answer a day older counts half).
@@ -93,15 +93,12 @@ def apply(state: dict, event: Event) -> list[AlertSignal]:
 
 
 def _add_day(state: dict, t: int) -> None:
-    day = day_of(t)
+    day = utc_day(t)
     days = state["days"]
     if day not in days:
         days.append(day)
         days.sort()
 
-
-def day_of(t_ms: int) -> str:
-    return datetime.fromtimestamp(t_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 def _answered(state: dict, event: Event) -> list[AlertSignal]:
