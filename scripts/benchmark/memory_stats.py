@@ -3,6 +3,7 @@ its growth per hour (a least-squares slope)."""
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Optional, Sequence
 
 HOUR_MS = 3_600_000
@@ -30,15 +31,10 @@ def at_hours(samples: Sequence[tuple[Optional[int], float]], start_ms: int, hour
 def slope(points: Sequence[tuple[float, float]]) -> Optional[float]:
     """The least-squares slope of y over x through ``points``; None for fewer than two
     distinct x."""
-    n = len(points)
-    if n < 2:
+    try:
+        return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
+    except statistics.StatisticsError:  # fewer than two points, or every x the same
         return None
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
 def first_steady_hour(allowed_lateness_s: float) -> int:
